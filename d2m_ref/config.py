@@ -1,0 +1,426 @@
+"""Model configuration: one frozen dataclass, read from a Hugging Face `config.json` and validated once.
+
+Implements spec/architecture.md §1 (families and the layer plan) and spec/config.md (keys).
+Every family is described as data: which attention flavour (qkv bias, q/k norm), which layers
+have attention, and which FFN each layer has (a dense SwiGLU MLP or an MoE).  The forward pass
+never looks at the family name; it reads the per-layer `LayerSpec`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "dense2moe")
+DENSE2MOE_BASES = ("llama", "qwen2", "qwen3")
+SCORING = ("softmax", "sigmoid")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+# Keys that never change the forward pass (bookkeeping, training-only, generation defaults).
+# Anything not listed here and not read by the family's parser is an unknown key: an error.
+_INERT_KEYS = frozenset({
+    "_name_or_path", "architectures", "attention_dropout", "bos_token_id", "chunk_size_feed_forward",
+    "dtype", "torch_dtype", "eos_token_id", "pad_token_id", "id2label", "label2id", "initializer_range",
+    "is_encoder_decoder", "output_attentions", "output_hidden_states", "output_router_logits",
+    "problem_type", "return_dict", "transformers_version", "use_cache", "router_aux_loss_coef",
+    "router_jitter_noise", "pretraining_tp", "max_window_layers", "sliding_window", "layer_types",
+    "tokenizer_class", "auto_map", "model_name", "quantization_config_ignored", "router_z_loss_coef",
+    "use_return_dict", "tie_encoder_decoder", "torchscript", "prefix", "task_specific_params",
+    "finetuning_task", "add_cross_attention", "cross_attention_hidden_size", "decoder_start_token_id",
+    "sep_token_id", "tf_legacy_loss", "use_bfloat16", "pruned_heads", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens", "max_length", "min_length", "do_sample",
+    "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k",
+    "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "is_decoder", "tie_word_embeddings_ignored",
+})
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary position embedding (spec §3.3). `rope_type` 'default', 'linear' or 'llama3'."""
+
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 0
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """One MoE block (spec §4): E experts of width F, top-k routing."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    scoring: str = "softmax"  # 'softmax' | 'sigmoid' over router_logits
+    norm_topk_prob: bool = False  # renormalise the k chosen scores to sum 1
+    routed_scaling_factor: float = 1.0
+    selection_bias: bool = False  # e_score_correction_bias: added to scores for choosing only
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = False  # sigmoid(x·w_g) scales the shared expert (Qwen2-MoE)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One decoder layer of the layer plan (spec §1.2)."""
+
+    attention: bool
+    moe: MoESpec | None  # None: dense SwiGLU MLP of width `intermediate_size`
+    intermediate_size: int = 0
+    # Provenance (Dense2MoE): which dense layer each expert (or the dense MLP) came from, and
+    # whose attention was kept.  Informational: the forward pass never reads it.
+    source_layers: tuple[int, ...] = ()
+    attention_source: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the forward pass needs, validated.  Dimension letters: see d2m_ref/model.py."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeSpec
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    layers: tuple[LayerSpec, ...]
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str = "none"  # 'none' | 'head' (Qwen3: per head, weight [D]) | 'proj' (OLMoE: weight [Nh·D])
+    clip_qkv: float | None = None  # OLMoE: clamp q, k, v projections to [-c, c]
+    moe_naming: str = "qwen"  # 'qwen': mlp.gate / mlp.experts.{e}.gate_proj; 'mixtral': block_sparse_moe w1/w3/w2
+    source: dict = field(default_factory=dict, compare=False, repr=False)  # the config dict as given
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return len(self.layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a config dict
+
+
+class _Keys:
+    """Reads keys from a config dict, remembering which were used, with errors that quote values."""
+
+    def __init__(self, d: Mapping[str, Any], where: str):
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{where}: expected a JSON object, found {type(d).__name__}")
+        self.d, self.where, self.used = d, where, set()
+
+    def has(self, key: str) -> bool:
+        return key in self.d and self.d[key] is not None
+
+    def raw(self, key: str, default: Any = ...) -> Any:
+        self.used.add(key)
+        if key not in self.d or self.d[key] is None:
+            if default is ...:
+                raise ConfigError(f"{self.where}: missing required key '{key}'")
+            return default
+        return self.d[key]
+
+    def int(self, key: str, default: Any = ..., minimum: int = 1) -> int:
+        v = self.raw(key, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{self.where}: '{key}' must be an integer, found {v!r}")
+        if v < minimum:
+            raise ConfigError(f"{self.where}: '{key}'={v} must be >= {minimum}")
+        return v
+
+    def float(self, key: str, default: Any = ..., positive: bool = True) -> float:
+        v = self.raw(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{self.where}: '{key}' must be a finite number, found {v!r}")
+        if positive and v <= 0:
+            raise ConfigError(f"{self.where}: '{key}'={v} must be > 0")
+        return float(v)
+
+    def bool(self, key: str, default: Any = ...) -> bool:
+        v = self.raw(key, default)
+        if not isinstance(v, bool):
+            raise ConfigError(f"{self.where}: '{key}' must be true or false, found {v!r}")
+        return v
+
+    def choice(self, key: str, choices: tuple[str, ...], default: Any = ...) -> str:
+        v = self.raw(key, default)
+        if v not in choices:
+            raise ConfigError(f"{self.where}: '{key}'={v!r} is not one of {', '.join(choices)}")
+        return v
+
+    def int_list(self, key: str, default: Any = ()) -> tuple[int, ...]:
+        v = self.raw(key, default)
+        if not isinstance(v, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in v):
+            raise ConfigError(f"{self.where}: '{key}' must be a list of integers, found {v!r}")
+        return tuple(v)
+
+    def reject_unknown(self, allowed_extra: frozenset = frozenset()) -> None:
+        unknown = sorted(k for k in self.d if k not in self.used and k not in allowed_extra)
+        if unknown:
+            raise ConfigError(f"{self.where}: unknown config key(s) {', '.join(map(repr, unknown))}: "
+                              "d2m_ref does not know what they change, so it refuses to guess "
+                              "(see spec/config.md for the keys it reads)")
+
+
+def _rope(k: _Keys) -> RopeSpec:
+    """Both spellings: transformers 5 `rope_parameters`, older `rope_theta` + `rope_scaling`."""
+    params = k.raw("rope_parameters", None)
+    scaling = k.raw("rope_scaling", None)
+    if params is not None and not isinstance(params, Mapping):
+        raise ConfigError(f"{k.where}: 'rope_parameters' must be an object, found {params!r}")
+    if scaling is not None and not isinstance(scaling, Mapping):
+        raise ConfigError(f"{k.where}: 'rope_scaling' must be an object, found {scaling!r}")
+    merged: dict[str, Any] = {}
+    if k.has("rope_theta"):
+        merged["rope_theta"] = k.raw("rope_theta")
+    merged.update(scaling or {})
+    merged.update(params or {})
+    if "type" in merged and "rope_type" not in merged:
+        merged["rope_type"] = merged.pop("type")
+    merged.pop("type", None)
+    r = _Keys(merged, f"{k.where}: rope parameters")
+    theta = r.float("rope_theta", 10000.0)
+    rope_type = r.raw("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"{k.where}: rope_type={rope_type!r} is not supported "
+                          f"(d2m_ref implements {', '.join(ROPE_TYPES)})")
+    partial = r.float("partial_rotary_factor", 1.0)
+    if partial != 1.0:
+        raise ConfigError(f"{k.where}: partial_rotary_factor={partial} is not supported (only 1.0)")
+    if rope_type == "default":
+        r.used.update({"factor"})  # some writers leave factor=1.0 on default rope
+        spec = RopeSpec(theta=theta)
+    elif rope_type == "linear":
+        spec = RopeSpec(theta=theta, rope_type="linear", factor=r.float("factor"))
+    else:
+        spec = RopeSpec(theta=theta, rope_type="llama3", factor=r.float("factor"),
+                        low_freq_factor=r.float("low_freq_factor"),
+                        high_freq_factor=r.float("high_freq_factor"),
+                        original_max_position_embeddings=r.int("original_max_position_embeddings"))
+        if spec.high_freq_factor <= spec.low_freq_factor:
+            raise ConfigError(f"{k.where}: llama3 rope needs high_freq_factor > low_freq_factor, found "
+                              f"{spec.high_freq_factor} <= {spec.low_freq_factor}")
+    r.reject_unknown()
+    return spec
+
+
+def _check_silu(k: _Keys) -> None:
+    act = k.raw("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{k.where}: hidden_act={act!r} is not supported (SwiGLU with 'silu' only)")
+    if k.bool("mlp_bias", False):
+        raise ConfigError(f"{k.where}: mlp_bias=true is not supported")
+    if k.bool("use_sliding_window", False):
+        raise ConfigError(f"{k.where}: use_sliding_window=true is not supported (full causal attention only)")
+
+
+def _attention_flavour(family: str, k: _Keys) -> dict[str, Any]:
+    """qkv/o bias and q/k norm of the attention block, by family (spec §3)."""
+    if family in ("llama", "mixtral"):
+        bias = k.bool("attention_bias", False)
+        return dict(qkv_bias=bias, o_bias=bias, qk_norm="none")
+    if family in ("qwen2", "qwen2_moe"):
+        return dict(qkv_bias=k.bool("qkv_bias", True), o_bias=False, qk_norm="none")
+    if family in ("qwen3", "qwen3_moe"):
+        bias = k.bool("attention_bias", False)
+        return dict(qkv_bias=bias, o_bias=bias, qk_norm="head")
+    if family == "olmoe":
+        bias = k.bool("attention_bias", False)
+        clip = k.raw("clip_qkv", None)
+        return dict(qkv_bias=bias, o_bias=bias, qk_norm="proj",
+                    clip_qkv=None if clip is None else k.float("clip_qkv"))
+    raise AssertionError(family)  # unreachable: family was validated
+
+
+def _moe_defaults(family: str, k: _Keys) -> MoESpec | None:
+    """The family's MoE block, or None for dense families."""
+    if family in ("llama", "qwen2", "qwen3", "dense2moe"):
+        return None
+    top_k = k.int("num_experts_per_tok")
+    if family == "mixtral":
+        return MoESpec(num_experts=k.int("num_local_experts"), top_k=top_k,
+                       intermediate_size=k.int("intermediate_size"), norm_topk_prob=True)
+    if family == "olmoe":
+        return MoESpec(num_experts=k.int("num_experts"), top_k=top_k,
+                       intermediate_size=k.int("intermediate_size"),
+                       norm_topk_prob=k.bool("norm_topk_prob", False))
+    # qwen2_moe / qwen3_moe: released Qwen3-MoE configs say num_experts, transformers writes num_local_experts
+    if k.has("num_experts") and k.has("num_local_experts") and k.raw("num_experts") != k.raw("num_local_experts"):
+        raise ConfigError(f"{k.where}: num_experts={k.raw('num_experts')} contradicts "
+                          f"num_local_experts={k.raw('num_local_experts')}")
+    experts = k.int("num_experts") if k.has("num_experts") else k.int("num_local_experts")
+    shared = k.int("shared_expert_intermediate_size", 0, minimum=0) if family == "qwen2_moe" else 0
+    return MoESpec(num_experts=experts, top_k=top_k, intermediate_size=k.int("moe_intermediate_size"),
+                   norm_topk_prob=k.bool("norm_topk_prob", False),
+                   shared_expert_intermediate_size=shared, shared_expert_gate=shared > 0)
+
+
+def _hf_layers(family: str, k: _Keys, moe: MoESpec | None, n_layers: int) -> tuple[LayerSpec, ...]:
+    """Layer plan of a standard HF family: every layer has attention; FFN by the family's rule."""
+    width = k.int("intermediate_size")
+    if family in ("qwen2_moe", "qwen3_moe"):
+        step = k.int("decoder_sparse_step", 1)
+        mlp_only = set(k.int_list("mlp_only_layers", ()))
+        bad = sorted(i for i in mlp_only if not 0 <= i < n_layers)
+        if bad:
+            raise ConfigError(f"{k.where}: mlp_only_layers {bad} are outside 0..{n_layers - 1}")
+        # transformers: layer i is MoE when i not in mlp_only_layers and (i+1) % decoder_sparse_step == 0
+        is_moe = [i not in mlp_only and moe.num_experts > 0 and (i + 1) % step == 0 for i in range(n_layers)]
+    else:
+        is_moe = [moe is not None] * n_layers
+    return tuple(LayerSpec(attention=True, moe=moe if m else None, intermediate_size=width,
+                           source_layers=(i,), attention_source=i)
+                 for i, m in enumerate(is_moe))
+
+
+_PLAN_KEYS = frozenset({"attention", "ffn", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                        "intermediate_size", "scoring_func", "norm_topk_prob", "routed_scaling_factor",
+                        "selection_bias", "shared_expert_intermediate_size", "shared_expert_gate",
+                        "source_layers", "attention_source"})
+
+
+def _plan_layer(i: int, entry: Any, top: _Keys, width: int) -> LayerSpec:
+    """One `layer_plan` entry; MoE keys default to the top-level ones (spec/config.md)."""
+    e = _Keys(entry, f"{top.where}: layer_plan[{i}]")
+    attention = e.bool("attention")
+    ffn = e.choice("ffn", ("dense", "moe"))
+    sources = e.int_list("source_layers", ())
+    attn_src = e.int("attention_source", None, minimum=0) if e.has("attention_source") else None
+    if any(s < 0 for s in sources):
+        raise ConfigError(f"{e.where}: source_layers {list(sources)} must be >= 0")
+    if not attention and attn_src is not None:
+        raise ConfigError(f"{e.where}: attention_source={attn_src} given but attention=false")
+    if ffn == "dense":
+        w = e.int("intermediate_size", width)
+        e.reject_unknown()
+        if len(sources) > 1:
+            raise ConfigError(f"{e.where}: a dense FFN comes from one layer, source_layers={list(sources)}")
+        return LayerSpec(attention=attention, moe=None, intermediate_size=w,
+                         source_layers=sources, attention_source=attn_src)
+
+    def _top(key, default):
+        """Top-level default for a per-layer MoE key (spec/config.md)."""
+        return top.d[key] if top.d.get(key) is not None else default
+
+    experts = e.int("num_experts")
+    top_k = e.int("num_experts_per_tok", _top("num_experts_per_tok", ...))
+    spec = MoESpec(
+        num_experts=experts,
+        top_k=top_k,
+        intermediate_size=e.int("moe_intermediate_size", _top("moe_intermediate_size", width)),
+        scoring=e.choice("scoring_func", SCORING, _top("scoring_func", "softmax")),
+        norm_topk_prob=e.bool("norm_topk_prob", _top("norm_topk_prob", False)),
+        routed_scaling_factor=e.float("routed_scaling_factor", _top("routed_scaling_factor", 1.0)),
+        selection_bias=e.bool("selection_bias", False),
+        shared_expert_intermediate_size=e.int("shared_expert_intermediate_size", 0, minimum=0),
+        shared_expert_gate=e.bool("shared_expert_gate", False),
+    )
+    if top_k > experts:
+        raise ConfigError(f"{e.where}: num_experts_per_tok={top_k} exceeds num_experts={experts}")
+    if spec.shared_expert_gate and spec.shared_expert_intermediate_size == 0:
+        raise ConfigError(f"{e.where}: shared_expert_gate=true but shared_expert_intermediate_size=0")
+    if sources and len(sources) != experts:
+        raise ConfigError(f"{e.where}: source_layers names {len(sources)} layers for num_experts={experts}")
+    e.reject_unknown()
+    return LayerSpec(attention=attention, moe=spec, intermediate_size=width,
+                     source_layers=sources, attention_source=attn_src)
+
+
+def parse_config(d: Mapping[str, Any], where: str = "config") -> ModelConfig:
+    """config dict (HF config.json) -> ModelConfig, or ConfigError naming the key at fault."""
+    k = _Keys(d, where)
+    family = k.raw("model_type")
+    if family not in FAMILIES:
+        raise ConfigError(f"{where}: model_type={family!r} is not supported; d2m_ref knows {', '.join(FAMILIES)}")
+    attn_family = family
+    if family == "dense2moe":
+        attn_family = k.choice("base_model_type", DENSE2MOE_BASES)
+    _check_silu(k)
+    hidden = k.int("hidden_size")
+    heads = k.int("num_attention_heads")
+    kv_heads = k.int("num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise ConfigError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    if k.has("head_dim"):
+        head_dim = k.int("head_dim")
+    else:
+        if hidden % heads:
+            raise ConfigError(f"{where}: num_attention_heads={heads} does not divide hidden_size={hidden} "
+                              "and no head_dim is given")
+        head_dim = hidden // heads
+    if head_dim % 2:
+        raise ConfigError(f"{where}: head_dim={head_dim} must be even for rotary embeddings")
+    moe = _moe_defaults(family, k)
+    if moe is not None and moe.top_k > moe.num_experts:
+        raise ConfigError(f"{where}: num_experts_per_tok={moe.top_k} exceeds num_experts={moe.num_experts}")
+    if family == "dense2moe":
+        plan = k.raw("layer_plan")
+        if not isinstance(plan, list) or not plan:
+            raise ConfigError(f"{where}: 'layer_plan' must be a non-empty list of layer entries")
+        width = k.int("intermediate_size")
+        for key in ("moe_intermediate_size", "num_experts_per_tok", "scoring_func", "norm_topk_prob",
+                    "routed_scaling_factor"):
+            k.used.add(key)
+        if k.has("scoring_func"):
+            k.choice("scoring_func", SCORING)
+        layers = tuple(_plan_layer(i, entry, k, width) for i, entry in enumerate(plan))
+        n = k.int("num_hidden_layers", len(layers))
+        if n != len(layers):
+            raise ConfigError(f"{where}: num_hidden_layers={n} but layer_plan has {len(layers)} entries")
+    else:
+        layers = _hf_layers(family, k, moe, k.int("num_hidden_layers"))
+    cfg = ModelConfig(
+        family=family,
+        vocab_size=k.int("vocab_size"),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=k.float("rms_norm_eps", 1e-6),
+        rope=_rope(k),
+        max_position_embeddings=k.int("max_position_embeddings"),
+        tie_word_embeddings=k.bool("tie_word_embeddings", False),
+        layers=layers,
+        moe_naming="mixtral" if family == "mixtral" else "qwen",
+        source=dict(d),
+        **_attention_flavour(attn_family, k),
+    )
+    for key in ("qkv_bias", "attention_bias", "clip_qkv", "num_experts", "num_local_experts",
+                "shared_expert_intermediate_size", "norm_topk_prob", "moe_intermediate_size",
+                "decoder_sparse_step", "mlp_only_layers", "num_experts_per_tok"):
+        # Keys of a neighbouring family that a generic writer may leave behind with a neutral value.
+        if key in d and key not in k.used and d[key] in (None, False, 0, [], 1):
+            k.used.add(key)
+    k.reject_unknown(_INERT_KEYS)
+    return cfg
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read and validate a config.json."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    return parse_config(d, where=str(path))
+
+
+def with_layers(cfg: ModelConfig, layers: tuple[LayerSpec, ...]) -> ModelConfig:
+    """A copy of `cfg` with another layer plan (used by tests and tools that build models)."""
+    return replace(cfg, layers=tuple(layers))

@@ -1,0 +1,237 @@
+"""The decoder: attention block, FFN (dense or MoE), layer, forward.  spec/architecture.md §3–§5.
+
+Dimension letters, used in every docstring of the package:
+    T tokens in this call, S keys in the cache (previous + these T), H hidden_size,
+    Nh attention heads, Nkv key/value heads, D head_dim, E experts, K experts per token,
+    F expert (or MLP) width, V vocabulary.
+
+`forward` is the only entry point: prefill is `forward(model, prompt_ids)`, decode is
+`forward(model, [next_id], cache=cache)`.  The KV cache is an explicit value; `capture` (a dict)
+receives the trace tensors of spec/format.md §2 when given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from .config import LayerSpec, ModelConfig, MoESpec
+from .errors import InputError
+from .kernels import NumpyKernels, default_kernels
+from .ops import (apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv_freq, router_scores,
+                  sigmoid, top_k, topk_weights)
+from .weights import AttentionWeights, LayerWeights, MLPWeights, Model, MoEWeights
+
+COMPUTE_DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Keys and values of the tokens seen so far: per layer [S, Nkv, D] (None without attention)."""
+
+    length: int
+    keys: tuple[np.ndarray | None, ...]
+    values: tuple[np.ndarray | None, ...]
+
+    @staticmethod
+    def empty(cfg: ModelConfig, dtype: np.dtype) -> "KVCache":
+        shape = (0, cfg.num_key_value_heads, cfg.head_dim)
+        kv = tuple(np.zeros(shape, dtype) if s.attention else None for s in cfg.layers)
+        return KVCache(0, kv, kv)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What every layer needs besides its weights: compute dtype, kernels, trace sink, progress."""
+
+    cfg: ModelConfig
+    dtype: np.dtype
+    kernels: NumpyKernels
+    capture: dict | None = None
+    forced_routes: Mapping[int, np.ndarray] | None = None
+    progress: Callable[[int, int], None] | None = None
+
+    def record(self, name: str, value: np.ndarray) -> None:
+        if self.capture is not None:
+            self.capture[name] = value
+
+    def norm(self, x: np.ndarray, weight) -> np.ndarray:
+        """RMSNorm with a weight Param (spec §2.1)."""
+        return rms_norm(x, weight.load(self.dtype), self.cfg.rms_norm_eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention (spec §3)
+
+
+def _project(x: np.ndarray, w, bias, rt: Runtime) -> np.ndarray:
+    """[T, H] -> [T, R]: x·Wᵀ (+ b)."""
+    y = rt.kernels.linear(x, w)
+    return y if bias is None else y + bias.load(rt.dtype)
+
+
+def qkv(x: np.ndarray, w: AttentionWeights, rt: Runtime) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[T, H] -> q [T, Nh, D], k [T, Nkv, D], v [T, Nkv, D], before RoPE.  spec §3.1–§3.2."""
+    cfg, T = rt.cfg, x.shape[0]
+    q, k, v = (_project(x, w.q, w.q_bias, rt), _project(x, w.k, w.k_bias, rt), _project(x, w.v, w.v_bias, rt))
+    if cfg.clip_qkv is not None:  # OLMoE: clamp the projections before any norm
+        q, k, v = (np.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+    if cfg.qk_norm == "proj":  # OLMoE: RMSNorm over the whole projection
+        q, k = rt.norm(q, w.q_norm), rt.norm(k, w.k_norm)
+    q = q.reshape(T, cfg.num_attention_heads, cfg.head_dim)
+    k = k.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
+    v = v.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
+    if cfg.qk_norm == "head":  # Qwen3: RMSNorm per head over D
+        q, k = rt.norm(q, w.q_norm), rt.norm(k, w.k_norm)
+    return q, k, v
+
+
+def attention(x: np.ndarray, w: AttentionWeights, positions: np.ndarray, rope: tuple[np.ndarray, np.ndarray],
+              past_k: np.ndarray, past_v: np.ndarray, rt: Runtime) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[T, H] normed input -> output [T, H] and the layer's keys/values [S, Nkv, D].  spec §3."""
+    q, k, v = qkv(x, w, rt)
+    cos, sin = rope
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keys = np.concatenate([past_k, k], axis=0)
+    values = np.concatenate([past_v, v], axis=0)
+    k_positions = np.arange(keys.shape[0])
+    out = causal_attention(q, keys, values, positions, k_positions)  # [T, Nh, D]
+    out = out.reshape(x.shape[0], rt.cfg.num_attention_heads * rt.cfg.head_dim)
+    return _project(out, w.o, w.o_bias, rt), keys, values
+
+
+# ---------------------------------------------------------------------------------------------
+# FFN (spec §4)
+
+
+def mlp(x: np.ndarray, w: MLPWeights, rt: Runtime) -> np.ndarray:
+    """[T, H] -> [T, H]: down(silu(gate·x) ⊙ up·x).  spec §4.1."""
+    return rt.kernels.expert(x, w)
+
+
+def route(x: np.ndarray, w: MoEWeights, spec: MoESpec, rt: Runtime,
+          forced_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """[T, H] -> router_logits [T, E], scores [T, E], topk_ids [T, K], topk_weights [T, K].  spec §4.2."""
+    router_logits = rt.kernels.linear(x, w.router)
+    scores = router_scores(router_logits, spec.scoring)
+    if forced_ids is not None:
+        topk_ids = forced_ids
+    else:
+        choice = scores if w.selection_bias is None else scores + w.selection_bias.load(rt.dtype)
+        topk_ids = top_k(choice, spec.top_k)
+    weights = topk_weights(scores, topk_ids, spec.norm_topk_prob, spec.routed_scaling_factor)
+    return router_logits, scores, topk_ids, weights
+
+
+def moe(x: np.ndarray, w: MoEWeights, spec: MoESpec, rt: Runtime, i: int) -> np.ndarray:
+    """[T, H] -> [T, H]: Σ_k topk_weights_k · expert_{topk_ids_k}(x) (+ gated shared expert).  spec §4.2."""
+    forced = None if rt.forced_routes is None else rt.forced_routes.get(i)
+    if forced is not None:
+        forced = check_routes(forced, x.shape[0], spec, i)
+    router_logits, scores, topk_ids, weights = route(x, w, spec, rt, forced)
+    rt.record(f"router_logits.{i}", router_logits)
+    rt.record(f"router_scores.{i}", scores)
+    rt.record(f"topk_ids.{i}", topk_ids)
+    rt.record(f"topk_weights.{i}", weights)
+    y = np.zeros_like(x)
+    for e in np.unique(topk_ids):
+        tokens, slots = np.nonzero(topk_ids == e)  # a token picks an expert at most once
+        y[tokens] += weights[tokens, slots][:, None] * mlp(x[tokens], w.experts[e], rt)
+    if w.shared is not None:
+        shared = mlp(x, w.shared, rt)
+        if w.shared_gate is not None:
+            shared = sigmoid(rt.kernels.linear(x, w.shared_gate)) * shared  # [T, 1] gate
+        y = y + shared
+    return y
+
+
+def check_routes(ids: np.ndarray, T: int, spec: MoESpec, i: int) -> np.ndarray:
+    """Validate forced topk_ids [T, K] for layer i (a candidate's routes, spec §4.2)."""
+    ids = np.asarray(ids)
+    if ids.shape != (T, spec.top_k) or not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"forced routes for layer {i}: expected integer [T={T}, K={spec.top_k}], "
+                         f"found {ids.dtype} {list(ids.shape)}")
+    if ids.size and (ids.min() < 0 or ids.max() >= spec.num_experts):
+        raise InputError(f"forced routes for layer {i}: expert ids must be in 0..{spec.num_experts - 1}, "
+                         f"found {int(ids.min())}..{int(ids.max())}")
+    if spec.top_k > 1 and np.any(np.diff(np.sort(ids, axis=1), axis=1) == 0):
+        raise InputError(f"forced routes for layer {i}: a token names the same expert twice")
+    return ids.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer and model (spec §5)
+
+
+def layer(h: np.ndarray, w: LayerWeights, spec: LayerSpec, i: int, positions: np.ndarray,
+          rope: tuple[np.ndarray, np.ndarray], past: tuple, rt: Runtime) -> tuple[np.ndarray, tuple]:
+    """[T, H] residual -> [T, H], new (keys, values).  spec §5.1:
+    h += Attn(input_layernorm(h)) when the layer has attention; h += FFN(post_attention_layernorm(h))."""
+    kv = (None, None)
+    if spec.attention:
+        a, keys, values = attention(rt.norm(h, w.attention.norm), w.attention, positions, rope, *past, rt)
+        rt.record(f"attn_out.{i}", a)
+        h = h + a
+        kv = (keys, values)
+    x = rt.norm(h, w.ffn_norm)
+    f = mlp(x, w.ffn, rt) if spec.moe is None else moe(x, w.ffn, spec.moe, rt, i)
+    rt.record(f"ffn_out.{i}", f)
+    h = h + f
+    rt.record(f"hidden.{i}", h)
+    return h, kv
+
+
+def check_input_ids(input_ids, cfg: ModelConfig, past: int) -> np.ndarray:
+    """input ids -> int64 [T], or InputError naming the offending token / length."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise InputError(f"input_ids must be a 1-D list of integer token ids, found {ids.dtype} {list(ids.shape)}")
+    if ids.size == 0:
+        raise InputError("input_ids is empty: give at least one token")
+    bad = np.nonzero((ids < 0) | (ids >= cfg.vocab_size))[0]
+    if bad.size:
+        raise InputError(f"token id {int(ids[bad[0]])} at position {int(bad[0])} is out of range: "
+                         f"vocab_size={cfg.vocab_size} (ids 0..{cfg.vocab_size - 1})")
+    if past + ids.size > cfg.max_position_embeddings:
+        raise InputError(f"sequence of {past + ids.size} tokens ({past} cached + {ids.size} new) is longer "
+                         f"than the model allows: max_position_embeddings={cfg.max_position_embeddings}")
+    return ids.astype(np.int64)
+
+
+def forward(model: Model, input_ids, *, cache: KVCache | None = None, dtype=np.float64,
+            capture: dict | None = None, kernels: NumpyKernels | None = None,
+            forced_routes: Mapping[int, np.ndarray] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, KVCache]:
+    """input_ids [T] -> logits [T, V] in `dtype`, and the cache extended by these T tokens.  spec §5.2.
+
+    `capture`: a dict that receives the trace tensors (spec/format.md §2).  `forced_routes`:
+    {layer: topk_ids [T, K]} replaces the router's choice there (the checker's forced routes).
+    `progress(done, total)` is called after each layer.
+    """
+    cfg, w = model.config, model.weights
+    dtype = np.dtype(dtype)
+    if dtype not in COMPUTE_DTYPES:
+        raise InputError(f"dtype={dtype} is not a compute dtype: use float64 or float32")
+    cache = cache or KVCache.empty(cfg, dtype)
+    if any(k is not None and k.dtype != dtype for k in cache.keys):
+        raise InputError(f"the KV cache holds {next(k.dtype for k in cache.keys if k is not None)}, "
+                         f"this call computes in {dtype}")
+    ids = check_input_ids(input_ids, cfg, cache.length)
+    rt = Runtime(cfg, dtype, kernels or default_kernels(), capture, forced_routes, progress)
+    positions = np.arange(cache.length, cache.length + ids.size)
+    rope = rope_cos_sin(positions, rope_inv_freq(cfg.rope, cfg.head_dim, dtype))
+    rt.record("input_ids", ids)
+    h = w.embed.take(ids, dtype)  # spec §5.2 (1)
+    rt.record("embeddings", h)
+    keys, values = list(cache.keys), list(cache.values)
+    for i, (lw, spec) in enumerate(zip(w.layers, cfg.layers)):
+        h, (keys[i], values[i]) = layer(h, lw, spec, i, positions, rope, (keys[i], values[i]), rt)
+        if progress is not None:
+            progress(i + 1, len(cfg.layers))
+    h = rt.norm(h, w.norm)
+    rt.record("final_norm", h)
+    logits = rt.kernels.linear(h, w.lm_head)
+    rt.record("logits", logits)
+    return logits, KVCache(cache.length + ids.size, tuple(keys), tuple(values))
