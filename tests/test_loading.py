@@ -1,0 +1,230 @@
+"""Loading checkpoints: every accepted layout works, every defect is an error that names its culprit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import d2m_ref
+from d2m_ref.errors import ConfigError, InputError, WeightsError
+from d2m_ref.safetensors_io import save
+from d2m_ref.synth import random_arrays, random_model
+
+from .models import dense2moe_config, dense_config
+
+PLAN = [{"attention": True, "ffn": "moe", "num_experts": 3, "num_experts_per_tok": 2,
+         "shared_expert_intermediate_size": 16, "shared_expert_gate": True},
+        {"attention": False, "ffn": "moe", "num_experts": 2, "scoring_func": "sigmoid", "selection_bias": True},
+        {"attention": True, "ffn": "dense"}]
+CFG = dense2moe_config(PLAN, base="qwen2")
+
+
+def write(folder, cfg_dict, arrays, metadata=None, config_json=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    if config_json:
+        (folder / "config.json").write_text(json.dumps(cfg_dict))
+    save(folder / "model.safetensors", arrays, metadata=metadata)
+    return folder
+
+
+def logits_of(model, T=5):
+    ids = np.arange(T) * 7 % model.config.vocab_size
+    return d2m_ref.forward(model, ids)[0]
+
+
+@pytest.fixture
+def arrays():
+    return random_arrays(d2m_ref.parse_config(CFG), seed=3)
+
+
+def test_directory_file_and_memory_agree(tmp_path, arrays):
+    """Loading by directory and by file gives the in-memory model's logits exactly."""
+    write(tmp_path, CFG, arrays)
+    ref = logits_of(random_model(d2m_ref.parse_config(CFG), seed=3))
+    for target in (tmp_path, tmp_path / "model.safetensors"):
+        m = d2m_ref.load_model(target)
+        np.testing.assert_array_equal(logits_of(m), ref)
+        m.close()
+
+
+def test_config_from_metadata_alone(tmp_path, arrays):
+    """A single safetensors file with the config in __metadata__['config'] is enough."""
+    write(tmp_path, CFG, arrays, metadata={"config": json.dumps(CFG)}, config_json=False)
+    m = d2m_ref.load_model(tmp_path / "model.safetensors")
+    assert m.config.family == "dense2moe" and m.config.num_hidden_layers == 3
+
+
+def test_metadata_and_config_json_disagree(tmp_path, arrays):
+    other = dict(CFG, rms_norm_eps=1e-5)
+    write(tmp_path, CFG, arrays, metadata={"config": json.dumps(other)})
+    with pytest.raises(ConfigError, match="different models"):
+        d2m_ref.load_model(tmp_path)
+    m = d2m_ref.load_model(tmp_path, config=tmp_path / "config.json")  # --config settles it
+    assert m.config.rms_norm_eps == 1e-6
+
+
+def test_sharded_checkpoint(tmp_path, arrays):
+    """model.safetensors.index.json with two shards loads like one file."""
+    names = sorted(arrays)
+    half = len(names) // 2
+    save(tmp_path / "model-00001-of-00002.safetensors", {n: arrays[n] for n in names[:half]})
+    save(tmp_path / "model-00002-of-00002.safetensors", {n: arrays[n] for n in names[half:]})
+    index = {"metadata": {}, "weight_map": {n: f"model-0000{1 + (i >= half)}-of-00002.safetensors"
+                                            for i, n in enumerate(names)}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text(json.dumps(CFG))
+    ref = logits_of(random_model(d2m_ref.parse_config(CFG), seed=3))
+    np.testing.assert_array_equal(logits_of(d2m_ref.load_model(tmp_path)), ref)
+
+
+def test_fused_expert_tensors(tmp_path, arrays):
+    """transformers 5's fused experts.gate_up_proj [E, 2F, H] / experts.down_proj [E, H, F] load like per-expert tensors."""
+    fused = dict(arrays)
+    for i, E in ((0, 3), (1, 2)):
+        p = f"model.layers.{i}.mlp.experts."
+        gate = [fused.pop(f"{p}{e}.gate_proj.weight") for e in range(E)]
+        up = [fused.pop(f"{p}{e}.up_proj.weight") for e in range(E)]
+        down = [fused.pop(f"{p}{e}.down_proj.weight") for e in range(E)]
+        fused[f"{p}gate_up_proj"] = np.stack([np.concatenate([g, u]) for g, u in zip(gate, up)])
+        fused[f"{p}down_proj"] = np.stack(down)
+    write(tmp_path, CFG, fused)
+    ref = logits_of(random_model(d2m_ref.parse_config(CFG), seed=3))
+    np.testing.assert_array_equal(logits_of(d2m_ref.load_model(tmp_path)), ref)
+
+
+def test_mixtral_names(tmp_path):
+    """Mixtral's block_sparse_moe / w1 w3 w2 names load as gate / up / down."""
+    cfg = dense_config("mixtral", num_local_experts=3, num_experts_per_tok=2)
+    arrays = random_arrays(d2m_ref.parse_config(cfg), seed=1)
+    renamed = {}
+    for n, a in arrays.items():
+        n = n.replace(".mlp.", ".block_sparse_moe.")
+        n = n.replace("gate_proj", "w1").replace("up_proj", "w3").replace("down_proj", "w2") if "experts" in n else n
+        renamed[n] = a
+    write(tmp_path, cfg, renamed)
+    ref = logits_of(random_model(d2m_ref.parse_config(cfg), seed=1))
+    np.testing.assert_array_equal(logits_of(d2m_ref.load_model(tmp_path)), ref)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda a: a.pop("model.layers.0.mlp.experts.2.down_proj.weight"), "missing tensor 'model.layers.0.mlp.experts.2.down_proj.weight'"),
+    (lambda a: a.__setitem__("model.layers.3.mlp.up_proj.weight", np.zeros((2, 2), np.float32)), "unexpected tensor.*model.layers.3.mlp.up_proj.weight"),
+    (lambda a: a.__setitem__("model.layers.1.self_attn.q_proj.weight", np.zeros((32, 32), np.float32)), "layer 1 has no attention.*self_attn.q_proj.weight"),
+    (lambda a: a.__setitem__("model.layers.2.mlp.gate_proj.weight", np.zeros((47, 32), np.float32)), r"'model.layers.2.mlp.gate_proj.weight' has shape \[47, 32\]; the config implies \[48, 32\]"),
+    (lambda a: a.__setitem__("model.norm.weight", np.zeros(32, np.int32)), "'model.norm.weight' has dtype I32"),
+    (lambda a: a.pop("model.layers.1.mlp.gate.e_score_correction_bias"), "missing tensor 'model.layers.1.mlp.gate.e_score_correction_bias'"),
+    (lambda a: a.__setitem__("model.layers.2.self_attn.o_proj.bias", np.zeros(32, np.float32)), "unexpected tensor 'model.layers.2.self_attn.o_proj.bias'"),
+    (lambda a: a.pop("lm_head.weight"), "missing tensor 'lm_head.weight'"),
+])
+def test_tensor_defects_are_named(tmp_path, arrays, edit, match):
+    edit(arrays)
+    write(tmp_path, CFG, arrays)
+    with pytest.raises(WeightsError, match=match):
+        d2m_ref.load_model(tmp_path)
+
+
+def test_tied_lm_head_must_equal_embedding(tmp_path):
+    cfg = dense_config("llama", tie=True)
+    arrays = random_arrays(d2m_ref.parse_config(cfg), seed=0)
+    arrays["lm_head.weight"] = arrays["model.embed_tokens.weight"].copy()
+    write(tmp_path / "same", cfg, arrays)
+    d2m_ref.load_model(tmp_path / "same")  # a duplicate of the tied matrix is accepted
+    arrays["lm_head.weight"][0, 0] += 1
+    write(tmp_path / "differs", cfg, arrays)
+    with pytest.raises(WeightsError, match="lm_head.weight' differs"):
+        d2m_ref.load_model(tmp_path / "differs")
+
+
+def test_truncated_file(tmp_path, arrays):
+    write(tmp_path, CFG, arrays)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(WeightsError, match="model.safetensors.*truncated"):
+        d2m_ref.load_model(tmp_path)
+
+
+def test_missing_config(tmp_path, arrays):
+    write(tmp_path, CFG, arrays, config_json=False)
+    with pytest.raises(ConfigError, match="no config"):
+        d2m_ref.load_model(tmp_path / "model.safetensors")
+
+
+def test_token_id_out_of_range_and_too_long():
+    model = random_model(d2m_ref.parse_config(CFG), seed=0)
+    with pytest.raises(InputError, match="token id 97 at position 2 is out of range: vocab_size=97"):
+        d2m_ref.forward(model, [1, 2, 97])
+    with pytest.raises(InputError, match="token id -1"):
+        d2m_ref.forward(model, [-1])
+    with pytest.raises(InputError, match="65 tokens.*max_position_embeddings=64"):
+        d2m_ref.forward(model, np.zeros(65, np.int64))
+    _, cache = d2m_ref.forward(model, np.zeros(60, np.int64))
+    with pytest.raises(InputError, match=r"65 tokens \(60 cached \+ 5 new\)"):
+        d2m_ref.forward(model, np.zeros(5, np.int64), cache=cache)
+    with pytest.raises(InputError, match="empty"):
+        d2m_ref.forward(model, [])
+    with pytest.raises(InputError, match="integer token ids"):
+        d2m_ref.forward(model, [1.5])
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"model_type": "gpt2"}, "model_type='gpt2' is not supported"),
+    ({"hidden_size": 30, "head_dim": None, "num_attention_heads": 4}, "num_attention_heads=4 does not divide hidden_size=30"),
+    ({"num_key_value_heads": 3}, "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+    ({"vocab_size": 0}, "'vocab_size'=0 must be >= 1"),
+    ({"hidden_size": -8}, "'hidden_size'=-8 must be >= 1"),
+    ({"rms_norm_eps": "small"}, "'rms_norm_eps' must be a finite number"),
+    ({"num_hidden_layers": 5}, "num_hidden_layers=5 but layer_plan has 3 entries"),
+    ({"frobnicate": 1}, "unknown config key.*'frobnicate'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_type='yarn' is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"base_model_type": "gpt2"}, "'base_model_type'='gpt2' is not one of"),
+    ({"layer_plan": []}, "'layer_plan' must be a non-empty list"),
+])
+def test_config_defects_are_named(change, match):
+    cfg = {k: v for k, v in {**CFG, **change}.items() if v is not None}
+    with pytest.raises(ConfigError, match=match):
+        d2m_ref.parse_config(cfg)
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"attention": True, "ffn": "moe", "num_experts": 2, "num_experts_per_tok": 3}, r"layer_plan\[0\]: num_experts_per_tok=3 exceeds num_experts=2"),
+    ({"attention": True, "ffn": "moe"}, r"layer_plan\[0\]: missing required key 'num_experts'"),
+    ({"attention": True, "ffn": "sparse"}, r"layer_plan\[0\]: 'ffn'='sparse' is not one of dense, moe"),
+    ({"attention": True, "ffn": "dense", "num_experts": 2}, r"layer_plan\[0\]: unknown config key.*'num_experts'"),
+    ({"attention": False, "ffn": "dense", "attention_source": 3}, "attention_source=3 given but attention=false"),
+    ({"attention": True, "ffn": "moe", "num_experts": 2, "shared_expert_gate": True}, "shared_expert_gate=true but shared_expert_intermediate_size=0"),
+    ({"attention": True, "ffn": "moe", "num_experts": 2, "source_layers": [1, 2, 3]}, "source_layers names 3 layers for num_experts=2"),
+    ({"attention": "yes", "ffn": "dense"}, "'attention' must be true or false"),
+])
+def test_layer_plan_defects_are_named(entry, match):
+    with pytest.raises(ConfigError, match=match):
+        d2m_ref.parse_config(dense2moe_config([entry]))
+
+
+def test_moe_family_defects():
+    with pytest.raises(ConfigError, match="num_experts=4 contradicts num_local_experts=8"):
+        d2m_ref.parse_config(dense_config("qwen3_moe", num_experts=4, num_local_experts=8, num_experts_per_tok=2,
+                                          moe_intermediate_size=16))
+    with pytest.raises(ConfigError, match="num_experts_per_tok=9 exceeds num_experts=8"):
+        d2m_ref.parse_config(dense_config("olmoe", num_experts=8, num_experts_per_tok=9))
+    with pytest.raises(ConfigError, match="missing required key 'num_experts_per_tok'"):
+        d2m_ref.parse_config(dense_config("mixtral", num_local_experts=4))
+    with pytest.raises(ConfigError, match=r"mlp_only_layers \[7\] are outside 0..2"):
+        d2m_ref.parse_config(dense_config("qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                          mlp_only_layers=[7]))
+
+
+def test_config_schema_accepts_what_the_parser_accepts():
+    """spec/config.schema.json agrees with the parser on valid and invalid layer plans."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from pathlib import Path
+    schema = json.loads((Path(__file__).parents[1] / "spec" / "config.schema.json").read_text())
+    jsonschema.validate(CFG, schema)
+    d2m_ref.parse_config(CFG)
+    bad = dense2moe_config([{"attention": True, "ffn": "dense", "num_experts": 2}])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    with pytest.raises(ConfigError):
+        d2m_ref.parse_config(bad)

@@ -1,0 +1,169 @@
+"""Invariants of the forward pass, over random configs and weights (hypothesis)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import d2m_ref
+from d2m_ref.config import MoESpec
+from d2m_ref.kernels import NumpyKernels
+from d2m_ref.model import Runtime, mlp, moe
+from d2m_ref.synth import model_from_arrays, random_arrays, random_model, write_checkpoint
+from d2m_ref.weights import MLPWeights, MoEWeights, Param
+
+from .models import dense2moe_config, dense2moe_configs, dense_config
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| / max |b|."""
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def ids_for(cfg, T: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, T)
+
+
+@SETTINGS
+@given(cfg_dict=dense2moe_configs(), seed=st.integers(0, 2**16), T=st.integers(2, 9), data=st.data())
+def test_decode_with_cache_equals_full_forward(cfg_dict, seed, T, data):
+    """Decode with a KV cache (prefill a prefix, then one token at a time) equals the full forward."""
+    cfg = d2m_ref.parse_config(cfg_dict)
+    model = random_model(cfg, seed)
+    ids = ids_for(cfg, T, seed)
+    full, _ = d2m_ref.forward(model, ids)
+    split = data.draw(st.integers(1, T - 1))
+    parts, cache = [], None
+    for chunk in [ids[:split]] + [ids[t:t + 1] for t in range(split, T)]:
+        logits, cache = d2m_ref.forward(model, chunk, cache=cache)
+        parts.append(logits)
+    assert cache.length == T
+    assert rel_err(np.concatenate(parts), full) < 1e-12
+
+
+@SETTINGS
+@given(cfg_dict=dense2moe_configs(), seed=st.integers(0, 2**16), T=st.integers(2, 9), data=st.data())
+def test_causality(cfg_dict, seed, T, data):
+    """Logits at position t do not depend on tokens after t."""
+    cfg = d2m_ref.parse_config(cfg_dict)
+    model = random_model(cfg, seed)
+    ids = ids_for(cfg, T, seed)
+    t = data.draw(st.integers(0, T - 2))
+    changed = ids.copy()
+    changed[t + 1:] = (ids[t + 1:] + 1 + np.arange(T - t - 1)) % cfg.vocab_size
+    a, _ = d2m_ref.forward(model, ids)
+    b, _ = d2m_ref.forward(model, changed)
+    assert rel_err(b[:t + 1], a[:t + 1]) < 1e-12
+    if cfg.num_hidden_layers and any(s.attention for s in cfg.layers):
+        assert not np.allclose(a[t + 1:], b[t + 1:])  # the change is visible where it should be
+
+
+def _as_one_expert_moe(dense_arrays: dict, layer: int) -> dict:
+    """Rename layer `layer`'s dense MLP to expert 0 of an MoE and give it a random router."""
+    out = dict(dense_arrays)
+    p = f"model.layers.{layer}.mlp."
+    for part in ("gate_proj", "up_proj", "down_proj"):
+        out[f"{p}experts.0.{part}.weight"] = out.pop(f"{p}{part}.weight")
+    out[f"{p}gate.weight"] = np.random.default_rng(layer).standard_normal((1, dense_arrays[f"{p}up_proj.weight"].shape[1])).astype(np.float32)
+    return out
+
+
+@SETTINGS
+@given(base=st.sampled_from(["llama", "qwen2", "qwen3"]), layer=st.integers(0, 2), seed=st.integers(0, 2**16),
+       scoring=st.sampled_from([("softmax", False), ("softmax", True), ("sigmoid", True)]))
+def test_fusion_group_of_one_layer_is_the_dense_layer(base, layer, seed, scoring):
+    """A fusion group of one layer (attention kept, its MLP the only expert of a top-1 MoE) equals the dense layer."""
+    dense = {"attention": True, "ffn": "dense"}
+    fused = {"attention": True, "ffn": "moe", "num_experts": 1, "num_experts_per_tok": 1,
+             "scoring_func": scoring[0], "norm_topk_prob": scoring[1], "source_layers": [layer]}
+    plan = [dict(dense) for _ in range(3)]
+    cfg_dense = d2m_ref.parse_config(dense2moe_config(plan, base=base, width=48))
+    plan[layer] = fused
+    cfg_fused = d2m_ref.parse_config(dense2moe_config(plan, base=base, width=48, moe_intermediate_size=48))
+    arrays = random_arrays(cfg_dense, seed)
+    ids = ids_for(cfg_dense, 7, seed)
+    a, _ = d2m_ref.forward(model_from_arrays(cfg_dense, arrays), ids)
+    b, _ = d2m_ref.forward(model_from_arrays(cfg_fused, _as_one_expert_moe(arrays, layer)), ids)
+    assert rel_err(b, a) < 1e-13
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**16), T=st.integers(1, 6), scoring=st.sampled_from(["softmax", "sigmoid"]))
+def test_one_expert_top1_moe_is_that_mlp(seed, T, scoring):
+    """An MoE with one expert and top-1 (softmax, or sigmoid renormalised) equals that dense MLP, shared expert aside."""
+    rng = np.random.default_rng(seed)
+    H, F = 16, 24
+    w = MLPWeights(*(Param.of(n, rng.standard_normal(s)) for n, s in
+                     (("gate", (F, H)), ("up", (F, H)), ("down", (H, F)))))
+    spec = MoESpec(num_experts=1, top_k=1, intermediate_size=F, scoring=scoring, norm_topk_prob=scoring == "sigmoid")
+    moe_w = MoEWeights(router=Param.of("router", rng.standard_normal((1, H))), experts=(w,))
+    cfg = d2m_ref.parse_config(dense_config())
+    rt = Runtime(cfg, np.dtype(np.float64), NumpyKernels())
+    x = rng.standard_normal((T, H))
+    np.testing.assert_array_equal(moe(x, moe_w, spec, rt, 0), mlp(x, w, rt))
+
+
+@SETTINGS
+@given(cfg_dict=dense2moe_configs(), seed=st.integers(0, 2**16), data=st.data())
+def test_permuting_experts_with_router_rows_changes_nothing(cfg_dict, seed, data):
+    """Permuting the experts together with the router rows (and selection bias) changes no logit."""
+    cfg = d2m_ref.parse_config(cfg_dict)
+    arrays = random_arrays(cfg, seed)
+    permuted = dict(arrays)
+    for i, spec in enumerate(cfg.layers):
+        if spec.moe is None:
+            continue
+        E = spec.moe.num_experts
+        perm = np.array(data.draw(st.permutations(range(E))))  # new expert j is old expert perm[j]
+        p = f"model.layers.{i}.mlp."
+        permuted[f"{p}gate.weight"] = arrays[f"{p}gate.weight"][perm]
+        if spec.moe.selection_bias:
+            permuted[f"{p}gate.e_score_correction_bias"] = arrays[f"{p}gate.e_score_correction_bias"][perm]
+        for j in range(E):
+            for part in ("gate_proj", "up_proj", "down_proj"):
+                permuted[f"{p}experts.{j}.{part}.weight"] = arrays[f"{p}experts.{perm[j]}.{part}.weight"]
+    ids = ids_for(cfg, 6, seed)
+    a, _ = d2m_ref.forward(model_from_arrays(cfg, arrays), ids)
+    b, _ = d2m_ref.forward(model_from_arrays(cfg, permuted), ids)
+    assert rel_err(b, a) < 1e-12
+
+
+def _decode_half_float(bits: np.ndarray, exp_bits: int, man_bits: int) -> np.ndarray:
+    """IEEE binary16 / bfloat16 bits -> float64 by the textbook formula (independent of numpy's casts)."""
+    bits = bits.astype(np.int64)
+    sign = np.where(bits >> (exp_bits + man_bits) & 1, -1.0, 1.0)
+    exp = (bits >> man_bits) & ((1 << exp_bits) - 1)
+    man = (bits & ((1 << man_bits) - 1)).astype(np.float64)
+    bias = (1 << (exp_bits - 1)) - 1
+    normal = np.ldexp(1.0 + man / (1 << man_bits), exp - bias)
+    subnormal = np.ldexp(man / (1 << man_bits), 1 - bias)
+    special = np.where(man == 0, np.inf, np.nan)
+    top = (1 << exp_bits) - 1
+    return sign * np.where(exp == 0, subnormal, np.where(exp == top, special, normal))
+
+
+@settings(max_examples=5, deadline=None)
+@given(storage=st.sampled_from(["BF16", "F16"]), seed=st.integers(0, 2**16))
+def test_bf16_f16_loading_is_exact(tmp_path_factory, storage, seed):
+    """Every bf16/f16 weight read from a file equals its exact value (decoded from the bits by formula)."""
+    cfg = d2m_ref.parse_config(dense2moe_config([{"attention": True, "ffn": "moe", "num_experts": 2},
+                                                 {"attention": False, "ffn": "dense"}]))
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    write_checkpoint(cfg, path, seed=seed, storage=storage)
+    model = d2m_ref.load_model(path, config=_write_config(cfg, path.parent))
+    exp_bits, man_bits = (8, 7) if storage == "BF16" else (5, 10)
+    for p in d2m_ref.weights.iter_params(model.weights):
+        assert p.storage == storage
+        bits = p.raw().view(np.uint16)
+        np.testing.assert_array_equal(p.load(np.float64), _decode_half_float(bits, exp_bits, man_bits))
+        np.testing.assert_array_equal(p.load(np.float32), _decode_half_float(bits, exp_bits, man_bits).astype(np.float32))
+    model.close()
+
+
+def _write_config(cfg, folder):
+    import json
+    (folder / "config.json").write_text(json.dumps(cfg.source))
+    return folder / "config.json"
