@@ -20,3 +20,7 @@ class WeightsError(D2MError):
 
 class InputError(D2MError):
     """A request is invalid: token id out of range, sequence too long, empty prompt, ..."""
+
+
+class OutputExistsError(D2MError, FileExistsError):
+    """An output file exists already; nothing is overwritten without --force."""
