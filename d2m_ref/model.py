@@ -76,10 +76,10 @@ def qkv(x: np.ndarray, w: AttentionWeights, rt: Runtime) -> tuple[np.ndarray, np
     """[T, H] -> q [T, Nh, D], k [T, Nkv, D], v [T, Nkv, D], before RoPE.  spec §3.1–§3.2."""
     cfg, T = rt.cfg, x.shape[0]
     q, k, v = (_project(x, w.q, w.q_bias, rt), _project(x, w.k, w.k_bias, rt), _project(x, w.v, w.v_bias, rt))
-    if cfg.clip_qkv is not None:  # OLMoE: clamp the projections before any norm
-        q, k, v = (np.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
     if cfg.qk_norm == "proj":  # OLMoE: RMSNorm over the whole projection
         q, k = rt.norm(q, w.q_norm), rt.norm(k, w.k_norm)
+    if cfg.clip_qkv is not None:  # OLMoE as transformers runs it: clamp after the q/k norm
+        q, k, v = (np.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
     q = q.reshape(T, cfg.num_attention_heads, cfg.head_dim)
     k = k.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
     v = v.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
