@@ -22,5 +22,9 @@ class InputError(D2MError):
     """A request is invalid: token id out of range, sequence too long, empty prompt, ..."""
 
 
+class TraceError(D2MError):
+    """A trace file is not a trace, is of another version, or contradicts its own metadata."""
+
+
 class OutputExistsError(D2MError, FileExistsError):
     """An output file exists already; nothing is overwritten without --force."""
