@@ -29,7 +29,7 @@ _INERT_KEYS = frozenset({
     "is_encoder_decoder", "output_attentions", "output_hidden_states", "output_router_logits",
     "problem_type", "return_dict", "transformers_version", "use_cache", "router_aux_loss_coef",
     "router_jitter_noise", "pretraining_tp", "max_window_layers", "sliding_window", "layer_types",
-    "tokenizer_class", "auto_map", "model_name", "quantization_config_ignored", "router_z_loss_coef",
+    "tokenizer_class", "auto_map", "model_name", "router_z_loss_coef",
     "use_return_dict", "tie_encoder_decoder", "torchscript", "prefix", "task_specific_params",
     "finetuning_task", "add_cross_attention", "cross_attention_hidden_size", "decoder_start_token_id",
     "sep_token_id", "tf_legacy_loss", "use_bfloat16", "pruned_heads", "bad_words_ids",
@@ -38,7 +38,7 @@ _INERT_KEYS = frozenset({
     "suppress_tokens", "begin_suppress_tokens", "max_length", "min_length", "do_sample",
     "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k",
     "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
-    "encoder_no_repeat_ngram_size", "is_decoder", "tie_word_embeddings_ignored",
+    "encoder_no_repeat_ngram_size", "is_decoder",
 })
 
 

@@ -232,7 +232,13 @@ class SafetensorsFile:
             self.metadata = _parse_metadata(self.path, header.get("__metadata__", {}))
             self._entries = _parse_entries(self.path, header, file_size - data_start)
             # The map covers the whole file (>= 8 bytes, so never the illegal empty map).
-            self._mmap: mmap.mmap | None = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            try:
+                self._mmap: mmap.mmap | None = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as e:
+                raise WeightsError(
+                    f"{self.path}: cannot memory-map its {file_size / 2**30:.2f} GiB ({e.strerror or e}): "
+                    "the process's address space (ulimit -v) or the system's memory map limit is too "
+                    "small for this checkpoint") from None
         except OSError as e:
             self._file.close()
             raise WeightsError(f"{self.path}: cannot read ({e.strerror or e})") from None

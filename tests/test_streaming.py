@@ -110,3 +110,31 @@ def test_file_truncated_mid_run_is_a_named_error(checkpoint, tmp_path):
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0, out.stderr
     assert "ERROR:" in out.stdout and "model.safetensors" in out.stdout and "truncated" in out.stdout
+
+
+def test_checkpoint_larger_than_the_address_space_is_a_named_error(tmp_path):
+    """A checkpoint that does not fit the memory map (here: a 4 GiB sparse tensor under an address-space
+    limit) is a named error, not a crash."""
+    from d2m_ref.safetensors_io import save
+    path = tmp_path / "big.safetensors"
+    save(path, {"w": np.zeros(1, np.float32)})
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**30], "data_offsets": [0, 2**32]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + 2**32)  # sparse: no disk used
+    script = textwrap.dedent(f"""
+        import resource, d2m_ref
+        from d2m_ref.safetensors_io import SafetensorsFile
+        size = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize:'))
+        limit = size + 2**30
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        try:
+            SafetensorsFile({str(path)!r})
+        except d2m_ref.D2MError as e:
+            print("ERROR:", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    assert "ERROR:" in out.stdout and "big.safetensors: cannot memory-map its 4.00 GiB" in out.stdout, out.stdout
