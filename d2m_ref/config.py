@@ -28,7 +28,7 @@ _INERT_KEYS = frozenset({
     "dtype", "torch_dtype", "eos_token_id", "pad_token_id", "id2label", "label2id", "initializer_range",
     "is_encoder_decoder", "output_attentions", "output_hidden_states", "output_router_logits",
     "problem_type", "return_dict", "transformers_version", "use_cache", "router_aux_loss_coef",
-    "router_jitter_noise", "pretraining_tp", "max_window_layers", "sliding_window", "layer_types",
+    "router_jitter_noise", "pretraining_tp", "max_window_layers",
     "tokenizer_class", "auto_map", "model_name", "router_z_loss_coef",
     "use_return_dict", "tie_encoder_decoder", "torchscript", "prefix", "task_specific_params",
     "finetuning_task", "add_cross_attention", "cross_attention_hidden_size", "decoder_start_token_id",
@@ -42,9 +42,14 @@ _INERT_KEYS = frozenset({
 })
 
 
+# Sanity limit: the largest released decoders have a few hundred layers; a config claiming more
+# is corrupt, and building its layer plan would take unbounded time and memory.
+MAX_LAYERS = 10_000
+
+
 @dataclass(frozen=True)
 class RopeSpec:
-    """Rotary position embedding (spec §3.3). `rope_type` 'default', 'linear' or 'llama3'."""
+    """Rotary position embedding (spec §2.3). `rope_type` 'default', 'linear' or 'llama3'."""
 
     theta: float
     rope_type: str = "default"
@@ -122,6 +127,8 @@ class _Keys:
         self.d, self.where, self.used = d, where, set()
 
     def has(self, key: str) -> bool:
+        """Present and not null (a null value is read as 'absent', so the key counts as read)."""
+        self.used.add(key)
         return key in self.d and self.d[key] is not None
 
     def raw(self, key: str, default: Any = ...) -> Any:
@@ -167,7 +174,7 @@ class _Keys:
         return tuple(v)
 
     def reject_unknown(self, allowed_extra: frozenset = frozenset()) -> None:
-        unknown = sorted(k for k in self.d if k not in self.used and k not in allowed_extra)
+        unknown = sorted(k for k in self.d if k not in self.used and k not in allowed_extra and self.d[k] is not None)
         if unknown:
             raise ConfigError(f"{self.where}: unknown config key(s) {', '.join(map(repr, unknown))}: "
                               "d2m_ref does not know what they change, so it refuses to guess "
@@ -185,11 +192,13 @@ def _rope(k: _Keys) -> RopeSpec:
     merged: dict[str, Any] = {}
     if k.has("rope_theta"):
         merged["rope_theta"] = k.raw("rope_theta")
-    merged.update(scaling or {})
-    merged.update(params or {})
-    if "type" in merged and "rope_type" not in merged:
-        merged["rope_type"] = merged.pop("type")
-    merged.pop("type", None)
+    for part in (scaling or {}, params or {}):
+        for key, value in part.items():
+            key = "rope_type" if key == "type" else key
+            if key in merged and merged[key] != value:
+                raise ConfigError(f"{k.where}: rope parameter '{key}' is given twice with different values "
+                                  f"({merged[key]!r} and {value!r})")
+            merged[key] = value
     r = _Keys(merged, f"{k.where}: rope parameters")
     theta = r.float("rope_theta", 10000.0)
     rope_type = r.raw("rope_type", "default")
@@ -200,7 +209,9 @@ def _rope(k: _Keys) -> RopeSpec:
     if partial != 1.0:
         raise ConfigError(f"{k.where}: partial_rotary_factor={partial} is not supported (only 1.0)")
     if rope_type == "default":
-        r.used.update({"factor"})  # some writers leave factor=1.0 on default rope
+        if r.float("factor", 1.0) != 1.0:  # some writers leave factor=1.0 on default rope; more means a mistake
+            raise ConfigError(f"{k.where}: rope factor={r.raw('factor')} with rope_type 'default' "
+                              "(set rope_type 'linear' or 'llama3' to scale)")
         spec = RopeSpec(theta=theta)
     elif rope_type == "linear":
         spec = RopeSpec(theta=theta, rope_type="linear", factor=r.float("factor"))
@@ -216,14 +227,28 @@ def _rope(k: _Keys) -> RopeSpec:
     return spec
 
 
-def _check_silu(k: _Keys) -> None:
+def _check_unsupported(k: _Keys, max_positions: int) -> None:
+    """Refuse what d2m_ref does not implement rather than compute something else."""
     act = k.raw("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{k.where}: hidden_act={act!r} is not supported (SwiGLU with 'silu' only)")
     if k.bool("mlp_bias", False):
         raise ConfigError(f"{k.where}: mlp_bias=true is not supported")
-    if k.bool("use_sliding_window", False):
+    use_sliding = k.bool("use_sliding_window", None) if k.has("use_sliding_window") else None
+    if use_sliding:
         raise ConfigError(f"{k.where}: use_sliding_window=true is not supported (full causal attention only)")
+    window = k.raw("sliding_window", None)
+    # Qwen families ignore sliding_window unless use_sliding_window is true; others (Mixtral) apply it
+    # whenever it is set.  A window as long as the model allows changes nothing.
+    if window is not None and use_sliding is None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < max_positions:
+            raise ConfigError(f"{k.where}: sliding_window={window!r} is not supported (full causal attention "
+                              f"only; a window >= max_position_embeddings={max_positions} would be accepted)")
+    types = k.raw("layer_types", None)
+    if types is not None:
+        if not isinstance(types, list) or any(t != "full_attention" for t in types):
+            bad = types if not isinstance(types, list) else sorted({t for t in types if t != "full_attention"}, key=str)
+            raise ConfigError(f"{k.where}: layer_types contains {bad!r}: only 'full_attention' is supported")
 
 
 def _attention_flavour(family: str, k: _Keys) -> dict[str, Any]:
@@ -277,18 +302,12 @@ def _hf_layers(family: str, k: _Keys, moe: MoESpec | None, n_layers: int) -> tup
         if bad:
             raise ConfigError(f"{k.where}: mlp_only_layers {bad} are outside 0..{n_layers - 1}")
         # transformers: layer i is MoE when i not in mlp_only_layers and (i+1) % decoder_sparse_step == 0
-        is_moe = [i not in mlp_only and moe.num_experts > 0 and (i + 1) % step == 0 for i in range(n_layers)]
+        is_moe = [i not in mlp_only and (i + 1) % step == 0 for i in range(n_layers)]
     else:
         is_moe = [moe is not None] * n_layers
     return tuple(LayerSpec(attention=True, moe=moe if m else None, intermediate_size=width,
                            source_layers=(i,), attention_source=i)
                  for i, m in enumerate(is_moe))
-
-
-_PLAN_KEYS = frozenset({"attention", "ffn", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
-                        "intermediate_size", "scoring_func", "norm_topk_prob", "routed_scaling_factor",
-                        "selection_bias", "shared_expert_intermediate_size", "shared_expert_gate",
-                        "source_layers", "attention_source"})
 
 
 def _plan_layer(i: int, entry: Any, top: _Keys, width: int) -> LayerSpec:
@@ -347,7 +366,7 @@ def parse_config(d: Mapping[str, Any], where: str = "config") -> ModelConfig:
     attn_family = family
     if family == "dense2moe":
         attn_family = k.choice("base_model_type", DENSE2MOE_BASES)
-    _check_silu(k)
+    _check_unsupported(k, k.int("max_position_embeddings"))
     hidden = k.int("hidden_size")
     heads = k.int("num_attention_heads")
     kv_heads = k.int("num_key_value_heads", heads)
@@ -369,18 +388,19 @@ def parse_config(d: Mapping[str, Any], where: str = "config") -> ModelConfig:
         plan = k.raw("layer_plan")
         if not isinstance(plan, list) or not plan:
             raise ConfigError(f"{where}: 'layer_plan' must be a non-empty list of layer entries")
+        if len(plan) > MAX_LAYERS:
+            raise ConfigError(f"{where}: layer_plan has {len(plan)} entries, more than {MAX_LAYERS}")
         width = k.int("intermediate_size")
-        for key in ("moe_intermediate_size", "num_experts_per_tok", "scoring_func", "norm_topk_prob",
-                    "routed_scaling_factor"):
-            k.used.add(key)
-        if k.has("scoring_func"):
-            k.choice("scoring_func", SCORING)
+        _check_moe_defaults(k)
         layers = tuple(_plan_layer(i, entry, k, width) for i, entry in enumerate(plan))
         n = k.int("num_hidden_layers", len(layers))
         if n != len(layers):
             raise ConfigError(f"{where}: num_hidden_layers={n} but layer_plan has {len(layers)} entries")
     else:
-        layers = _hf_layers(family, k, moe, k.int("num_hidden_layers"))
+        n = k.int("num_hidden_layers")
+        if n > MAX_LAYERS:
+            raise ConfigError(f"{where}: num_hidden_layers={n} is more than {MAX_LAYERS}: not a real model")
+        layers = _hf_layers(family, k, moe, n)
     cfg = ModelConfig(
         family=family,
         vocab_size=k.int("vocab_size"),
@@ -397,30 +417,45 @@ def parse_config(d: Mapping[str, Any], where: str = "config") -> ModelConfig:
         source=dict(d),
         **_attention_flavour(attn_family, k),
     )
-    for key in ("qkv_bias", "attention_bias", "clip_qkv", "num_experts", "num_local_experts",
+    for key in ("qkv_bias", "attention_bias", "num_experts", "num_local_experts",
                 "shared_expert_intermediate_size", "norm_topk_prob", "moe_intermediate_size",
                 "decoder_sparse_step", "mlp_only_layers", "num_experts_per_tok"):
         # Keys of a neighbouring family that a generic writer may leave behind with a neutral value.
-        if key in d and key not in k.used and d[key] in (None, False, 0, [], 1):
+        if key in d and key not in k.used and _is_neutral(d[key]):
             k.used.add(key)
     k.reject_unknown(_INERT_KEYS)
     return cfg
+
+
+def _is_neutral(v: Any) -> bool:
+    """null, false, [], or the integers 0 and 1 (not true, not 1.0: types are compared too)."""
+    return v is None or v is False or (isinstance(v, list) and not v) or (type(v) is int and v in (0, 1))
+
+
+def _check_moe_defaults(k: _Keys) -> None:
+    """Dense2MoE top-level MoE defaults are checked where they stand, not only where inherited."""
+    checks = {"moe_intermediate_size": lambda key: k.int(key), "num_experts_per_tok": lambda key: k.int(key),
+              "scoring_func": lambda key: k.choice(key, SCORING), "norm_topk_prob": lambda key: k.bool(key),
+              "routed_scaling_factor": lambda key: k.float(key)}
+    for key, check in checks.items():
+        if k.has(key):
+            check(key)
 
 
 def load_config(path: str | Path) -> ModelConfig:
     """Read and validate a config.json."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    return parse_config(parse_json(text, str(path)), where=str(path))
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """JSON text -> value, or ConfigError (also for undecodable bytes, absurd nesting, huge numbers)."""
     try:
-        d = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-    return parse_config(d, where=str(path))
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{where}: not valid JSON: {exc}") from None
 
-
-def with_layers(cfg: ModelConfig, layers: tuple[LayerSpec, ...]) -> ModelConfig:
-    """A copy of `cfg` with another layer plan (used by tests and tools that build models)."""
-    return replace(cfg, layers=tuple(layers))

@@ -25,6 +25,7 @@ from .ops import (apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv
 from .weights import AttentionWeights, LayerWeights, MLPWeights, Model, MoEWeights
 
 COMPUTE_DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
+ATTENTION_BLOCK_BYTES = 64 * 2**20  # largest attention score block held at once
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,10 @@ def attention(x: np.ndarray, w: AttentionWeights, positions: np.ndarray, rope: t
     keys = np.concatenate([past_k, k], axis=0)
     values = np.concatenate([past_v, v], axis=0)
     k_positions = np.arange(keys.shape[0])
-    out = causal_attention(q, keys, values, positions, k_positions)  # [T, Nh, D]
+    # Queries in blocks, so the [Nh, block, S] score matrix stays bounded on long prompts (§6).
+    block = max(1, ATTENTION_BLOCK_BYTES // (q.shape[1] * keys.shape[0] * q.dtype.itemsize))
+    out = np.concatenate([causal_attention(q[lo:lo + block], keys, values, positions[lo:lo + block], k_positions)
+                          for lo in range(0, q.shape[0], block)])  # [T, Nh, D]
     out = out.reshape(x.shape[0], rt.cfg.num_attention_heads * rt.cfg.head_dim)
     return _project(out, w.o, w.o_bias, rt), keys, values
 
@@ -145,6 +149,18 @@ def moe(x: np.ndarray, w: MoEWeights, spec: MoESpec, rt: Runtime, i: int) -> np.
             shared = sigmoid(rt.kernels.linear(x, w.shared_gate)) * shared  # [T, 1] gate
         y = y + shared
     return y
+
+
+def check_forced_layers(forced_routes: Mapping | None, cfg: ModelConfig) -> None:
+    """Every key of forced_routes must name an MoE layer: a forced route that silently applies to
+    nothing would make a replay look like agreement."""
+    if not forced_routes:
+        return
+    moe_layers = [i for i, s in enumerate(cfg.layers) if s.moe is not None]
+    for key in forced_routes:
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or int(key) not in moe_layers:
+            raise InputError(f"forced routes name layer {key!r}, which is not an MoE layer of this model "
+                             f"(MoE layers: {moe_layers})")
 
 
 def check_routes(ids: np.ndarray, T: int, spec: MoESpec, i: int) -> np.ndarray:
@@ -219,6 +235,7 @@ def forward(model: Model, input_ids, *, cache: KVCache | None = None, dtype=np.f
         raise InputError(f"the KV cache holds {next(k.dtype for k in cache.keys if k is not None)}, "
                          f"this call computes in {dtype}")
     ids = check_input_ids(input_ids, cfg, cache.length)
+    check_forced_layers(forced_routes, cfg)
     rt = Runtime(cfg, dtype, kernels or default_kernels(), capture, forced_routes, progress)
     positions = np.arange(cache.length, cache.length + ids.size)
     rope = rope_cos_sin(positions, rope_inv_freq(cfg.rope, cfg.head_dim, dtype))

@@ -121,5 +121,7 @@ def topk_weights(scores: np.ndarray, topk_ids: np.ndarray, norm_topk_prob: bool,
     renormalised to sum 1 if asked, times the routed scaling factor."""
     w = np.take_along_axis(scores, topk_ids, axis=-1)
     if norm_topk_prob:
-        w = w / np.sum(w, axis=-1, keepdims=True)
+        total = np.sum(w, axis=-1, keepdims=True)
+        # sigmoid scores can all underflow to 0: such a token then gets weights 0, not 0/0 = NaN
+        w = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
     return w * scores.dtype.type(routed_scaling_factor)

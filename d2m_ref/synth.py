@@ -14,10 +14,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .safetensors_io import bf16_bits, save_streaming
-from .weights import Model, Param, expected_tensors, weights_from_arrays
-
-STORAGE = ("F64", "F32", "F16", "BF16")
-
+from .weights import Model, Param, expected_tensors, map_params, weights_from_arrays
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     """-> float32 array of `shape`, a pure function of (seed, name).
@@ -63,8 +60,8 @@ def model_from_arrays(cfg: ModelConfig, arrays: dict[str, np.ndarray], storage: 
 def write_checkpoint(cfg: ModelConfig, path: str | Path, seed: int = 0, storage: str = "BF16",
                      metadata: dict[str, str] | None = None, force: bool = False) -> Path:
     """Write a random checkpoint tensor by tensor (streaming: memory stays one tensor)."""
-    specs = [(n, storage, s) for n, s in expected_tensors(cfg)]
-    shapes = dict((n, s) for n, s in expected_tensors(cfg))
+    shapes = dict(expected_tensors(cfg))
+    specs = [(n, storage, s) for n, s in shapes.items()]
     save_streaming(path, specs, lambda n: to_storage(random_tensor(n, shapes[n], seed), storage),
                    metadata=metadata, force=force)
     return Path(path)
@@ -72,20 +69,4 @@ def write_checkpoint(cfg: ModelConfig, path: str | Path, seed: int = 0, storage:
 
 def materialize(model: Model, dtype=np.float64) -> Model:
     """A copy of `model` whose weights are already converted to `dtype` (the non-streaming path)."""
-    arrays = {}
-
-    def conv(p: Param) -> Param:
-        if p.name not in arrays:
-            arrays[p.name] = Param.of(p.name, p.load(np.dtype(dtype)).copy())
-        return arrays[p.name]
-
-    def walk(obj):
-        if isinstance(obj, Param):
-            return conv(obj)
-        if isinstance(obj, tuple):
-            return tuple(walk(o) for o in obj)
-        if obj is not None and hasattr(obj, "__dataclass_fields__"):
-            return type(obj)(**{f: walk(getattr(obj, f)) for f in obj.__dataclass_fields__})
-        return obj
-
-    return Model(model.config, walk(model.weights))
+    return Model(model.config, map_params(model.weights, lambda p: Param.of(p.name, p.load(np.dtype(dtype)).copy())))

@@ -228,3 +228,81 @@ def test_config_schema_accepts_what_the_parser_accepts():
         jsonschema.validate(bad, schema)
     with pytest.raises(ConfigError):
         d2m_ref.parse_config(bad)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe"])
+def test_configs_as_transformers_writes_them_by_default(family, tmp_path):
+    """Every family's config as transformers' save_pretrained writes it with its own defaults
+    (nulls such as head_dim, sliding_window, rope_parameters) parses."""
+    transformers = pytest.importorskip("transformers")
+    moe = {"num_experts_per_tok": 2} if family in ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe") else {}
+    cfg = transformers.AutoConfig.for_model(family, vocab_size=101, hidden_size=64, intermediate_size=96,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            **moe)
+    cfg.save_pretrained(tmp_path)
+    parsed = d2m_ref.load_config(tmp_path / "config.json")
+    assert parsed.family == family and parsed.num_hidden_layers == 2
+    assert parsed.head_dim == (getattr(cfg, "head_dim", None) or 64 // 4)  # qwen3's default is 128
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16},
+     "sliding_window=16 is not supported"),
+    ({"model_type": "qwen2", "layer_types": ["full_attention", "sliding_attention", "full_attention"]},
+     "layer_types contains \\['sliding_attention'\\]"),
+    ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window=true is not supported"),
+    ({"model_type": "llama", "num_hidden_layers": 10**9}, "num_hidden_layers=1000000000 is more than 10000"),
+    ({"model_type": "llama", "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "factor": 8.0}},
+     "rope factor=8.0 with rope_type 'default'"),
+    ({"model_type": "llama", "rope_scaling": {"type": "linear", "rope_type": "llama3", "factor": 2.0}},
+     "rope parameter 'rope_type' is given twice with different values"),
+    ({"model_type": "llama", "rope_theta": 5e5, "rope_parameters": {"rope_theta": 1e4}},
+     "rope parameter 'rope_theta' is given twice"),
+    ({"model_type": "llama", "qkv_bias": True}, "unknown config key.*'qkv_bias'"),
+    ({"model_type": "qwen3", "clip_qkv": 1}, "unknown config key.*'clip_qkv'"),
+])
+def test_unsupported_or_contradictory_configs_are_refused(change, match):
+    with pytest.raises(ConfigError, match=match):
+        d2m_ref.parse_config({**dense_config(), **change})
+
+
+def test_configs_that_change_nothing_are_accepted():
+    d2m_ref.parse_config({**dense_config("mixtral", num_local_experts=4, num_experts_per_tok=2),
+                          "sliding_window": 64, "head_dim": None})  # window as long as the model: no change
+    d2m_ref.parse_config({**dense_config("qwen2"), "sliding_window": 4, "use_sliding_window": False,
+                          "layer_types": ["full_attention"] * 3, "some_future_key": None})
+    d2m_ref.parse_config({**dense_config("llama"), "qkv_bias": False, "num_experts": 0})
+
+
+def test_dense2moe_top_level_defaults_are_checked_where_they_stand():
+    with pytest.raises(ConfigError, match="'routed_scaling_factor'=-1 must be > 0"):
+        d2m_ref.parse_config(dense2moe_config([{"attention": True, "ffn": "dense"}], routed_scaling_factor=-1))
+    with pytest.raises(ConfigError, match="'num_experts_per_tok'=0 must be >= 1"):
+        d2m_ref.parse_config(dense2moe_config([{"attention": True, "ffn": "dense"}], top_k=0))
+
+
+@pytest.mark.parametrize("content, match", [
+    (b'{"model_type": "llama", "x": "\xff"}', "not valid JSON"),
+    (b"[" * 100000 + b"]" * 100000, "not valid JSON"),
+    (b'{"model_type": "llama", "vocab_size": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    (b'[1, 2]', "expected a JSON object"),
+])
+def test_unreadable_config_files(tmp_path, content, match):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=match):
+        d2m_ref.load_config(tmp_path / "config.json")
+
+
+def test_forced_routes_must_name_moe_layers():
+    model = random_model(d2m_ref.parse_config(CFG), seed=0)
+    ids = np.arange(4)
+    for layer in (2, 7, "1", True):  # layer 2 is dense; 7 does not exist; "1" and True are not layer numbers
+        with pytest.raises(InputError, match=f"forced routes name layer {layer!r}, which is not an MoE layer"):
+            d2m_ref.forward(model, ids, forced_routes={layer: np.zeros((4, 1), np.int64)})
+    with pytest.raises(InputError, match=r"forced routes for layer 1: expected integer \[T=4, K=1\]"):
+        d2m_ref.forward(model, ids, forced_routes={1: np.zeros((4, 2), np.int64)})
+    with pytest.raises(InputError, match="names the same expert twice"):
+        d2m_ref.forward(model, ids, forced_routes={0: np.zeros((4, 2), np.int64)})
+    trace = {}
+    d2m_ref.forward(model, ids, forced_routes={0: np.array([[2, 1]] * 4)}, capture=trace)
+    assert (trace["topk_ids.0"] == [[2, 1]] * 4).all()

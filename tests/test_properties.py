@@ -14,6 +14,7 @@ from d2m_ref.synth import model_from_arrays, random_arrays, random_model, write_
 from d2m_ref.weights import MLPWeights, MoEWeights, Param
 
 from .models import dense2moe_config, dense2moe_configs, dense_config
+from .test_safetensors_io import float_format_value
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -30,14 +31,15 @@ def ids_for(cfg, T: int, seed: int) -> np.ndarray:
 @SETTINGS
 @given(cfg_dict=dense2moe_configs(), seed=st.integers(0, 2**16), T=st.integers(2, 9), data=st.data())
 def test_decode_with_cache_equals_full_forward(cfg_dict, seed, T, data):
-    """Decode with a KV cache (prefill a prefix, then one token at a time) equals the full forward."""
+    """Decode with a KV cache (a prefix, then chunks of one or more tokens) equals the full forward."""
     cfg = d2m_ref.parse_config(cfg_dict)
     model = random_model(cfg, seed)
     ids = ids_for(cfg, T, seed)
     full, _ = d2m_ref.forward(model, ids)
-    split = data.draw(st.integers(1, T - 1))
+    # random chunk lengths: a prefill, then single tokens or several at once on top of the cache
+    cuts = sorted(data.draw(st.sets(st.integers(1, T - 1), min_size=1)))
     parts, cache = [], None
-    for chunk in [ids[:split]] + [ids[t:t + 1] for t in range(split, T)]:
+    for chunk in np.split(ids, cuts):
         logits, cache = d2m_ref.forward(model, chunk, cache=cache)
         parts.append(logits)
     assert cache.length == T
@@ -131,20 +133,6 @@ def test_permuting_experts_with_router_rows_changes_nothing(cfg_dict, seed, data
     assert rel_err(b, a) < 1e-12
 
 
-def _decode_half_float(bits: np.ndarray, exp_bits: int, man_bits: int) -> np.ndarray:
-    """IEEE binary16 / bfloat16 bits -> float64 by the textbook formula (independent of numpy's casts)."""
-    bits = bits.astype(np.int64)
-    sign = np.where(bits >> (exp_bits + man_bits) & 1, -1.0, 1.0)
-    exp = (bits >> man_bits) & ((1 << exp_bits) - 1)
-    man = (bits & ((1 << man_bits) - 1)).astype(np.float64)
-    bias = (1 << (exp_bits - 1)) - 1
-    normal = np.ldexp(1.0 + man / (1 << man_bits), exp - bias)
-    subnormal = np.ldexp(man / (1 << man_bits), 1 - bias)
-    special = np.where(man == 0, np.inf, np.nan)
-    top = (1 << exp_bits) - 1
-    return sign * np.where(exp == 0, subnormal, np.where(exp == top, special, normal))
-
-
 @settings(max_examples=5, deadline=None)
 @given(storage=st.sampled_from(["BF16", "F16"]), seed=st.integers(0, 2**16))
 def test_bf16_f16_loading_is_exact(tmp_path_factory, storage, seed):
@@ -158,8 +146,8 @@ def test_bf16_f16_loading_is_exact(tmp_path_factory, storage, seed):
     for p in d2m_ref.weights.iter_params(model.weights):
         assert p.storage == storage
         bits = p.raw().view(np.uint16)
-        np.testing.assert_array_equal(p.load(np.float64), _decode_half_float(bits, exp_bits, man_bits))
-        np.testing.assert_array_equal(p.load(np.float32), _decode_half_float(bits, exp_bits, man_bits).astype(np.float32))
+        np.testing.assert_array_equal(p.load(np.float64), float_format_value(bits, exp_bits, man_bits))
+        np.testing.assert_array_equal(p.load(np.float32), float_format_value(bits, exp_bits, man_bits).astype(np.float32))
     model.close()
 
 
@@ -167,3 +155,21 @@ def _write_config(cfg, folder):
     import json
     (folder / "config.json").write_text(json.dumps(cfg.source))
     return folder / "config.json"
+
+
+@SETTINGS
+@given(cfg_dict=dense2moe_configs(), seed=st.integers(0, 2**16), T=st.integers(1, 9))
+def test_attention_in_query_blocks_equals_one_block(cfg_dict, seed, T):
+    """Computing attention in blocks of queries (bounded memory on long prompts) changes no logit."""
+    import d2m_ref.model as model_module
+    cfg = d2m_ref.parse_config(cfg_dict)
+    model = random_model(cfg, seed)
+    ids = ids_for(cfg, T, seed)
+    whole, _ = d2m_ref.forward(model, ids)
+    saved = model_module.ATTENTION_BLOCK_BYTES
+    model_module.ATTENTION_BLOCK_BYTES = 1  # one query per block
+    try:
+        blocked, _ = d2m_ref.forward(model, ids)
+    finally:
+        model_module.ATTENTION_BLOCK_BYTES = saved
+    assert rel_err(blocked, whole) < 1e-13

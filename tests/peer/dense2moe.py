@@ -62,7 +62,7 @@ _PLAN_KEYS = {
     "routed_scaling_factor", "source_layers", "attention_source",
 }
 # Per-layer keys that fall back to the top level (spec), and the per-layer-only defaults.
-_INHERITED = ("moe_intermediate_size", "num_experts_per_tok", "scoring_func", "norm_topk_prob")
+_INHERITED = ("moe_intermediate_size", "num_experts_per_tok", "scoring_func", "norm_topk_prob", "routed_scaling_factor")
 _LAYER_DEFAULTS = dict(shared_expert_intermediate_size=0, shared_expert_gate=False, selection_bias=False,
                        routed_scaling_factor=1.0)
 
