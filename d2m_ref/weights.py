@@ -8,14 +8,13 @@ copy of the model ever exists (spec/architecture.md §6, streaming).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from .config import LayerSpec, ModelConfig, MoESpec, load_config, parse_config
+from .config import LayerSpec, ModelConfig, MoESpec, load_config, parse_config, parse_json
 from .errors import ConfigError, WeightsError
 from .safetensors_io import Checkpoint, to_float
 
@@ -355,11 +354,8 @@ def _find_config(ckpt: Checkpoint, weights_path: Path, config: str | Path | None
     found: list[tuple[str, ModelConfig]] = []
     text = ckpt.metadata.get(METADATA_CONFIG_KEY)
     if text is not None:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{weights_path}: __metadata__['{METADATA_CONFIG_KEY}'] is not valid JSON: {exc}") from None
-        found.append((f"{weights_path} __metadata__", parse_config(d, where=f"{weights_path} __metadata__['config']")))
+        where = f"{weights_path} __metadata__['{METADATA_CONFIG_KEY}']"
+        found.append((f"{weights_path} __metadata__", parse_config(parse_json(text, where), where=where)))
     folder = weights_path if weights_path.is_dir() else weights_path.parent
     if (folder / "config.json").is_file():
         found.append((str(folder / "config.json"), load_config(folder / "config.json")))
@@ -385,20 +381,27 @@ def load_model(weights: str | Path, config: str | Path | None = None) -> Model:
     return Model(cfg, w, ckpt)
 
 
-def iter_params(w: ModelWeights) -> Iterator[Param]:
-    """Every distinct Param of the model once (the tied LM head is not counted twice)."""
-    seen: set[int] = set()
+def map_params(w, fn: Callable[[Param], Param]):
+    """A copy of a weights tree with every Param replaced by fn(Param).  A Param that appears twice
+    (the tied LM head) is mapped once and stays shared."""
+    memo: dict[int, Param] = {}
 
     def walk(obj):
         if isinstance(obj, Param):
-            if id(obj) not in seen:
-                seen.add(id(obj))
-                yield obj
-        elif isinstance(obj, (tuple, list)):
-            for o in obj:
-                yield from walk(o)
-        elif obj is not None and hasattr(obj, "__dataclass_fields__"):
-            for f in obj.__dataclass_fields__:
-                yield from walk(getattr(obj, f))
+            if id(obj) not in memo:
+                memo[id(obj)] = fn(obj)
+            return memo[id(obj)]
+        if isinstance(obj, tuple):
+            return tuple(walk(o) for o in obj)
+        if obj is not None and hasattr(obj, "__dataclass_fields__"):
+            return type(obj)(**{f: walk(getattr(obj, f)) for f in obj.__dataclass_fields__})
+        return obj
 
-    yield from walk(w)
+    return walk(w)
+
+
+def iter_params(w: ModelWeights) -> Iterator[Param]:
+    """Every distinct Param of the model once (the tied LM head is not counted twice)."""
+    found: list[Param] = []
+    map_params(w, lambda p: found.append(p) or p)
+    return iter(found)
