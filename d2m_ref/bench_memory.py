@@ -25,8 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cli
 from .config import parse_config
-from .errors import D2MError
+from .errors import D2MError, InputError
+from .files import atomic_write_bytes
+from .safetensors_io import SafetensorsFile
+from .weights import METADATA_CONFIG_KEY
 
 GiB = 2**30
 MEMORY_BUDGET = 1.5 * GiB  # issue target: peak RSS <= file size + 1.5 GiB
@@ -158,16 +162,16 @@ def run_child(weights: Path, dtype: str, prompt_tokens: int, decode_tokens: int)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def time_v_trace(weights: Path, dtype: str, prompt_tokens: int, out_dir: Path) -> int | None:
-    """Peak RSS (bytes) of `python -m d2m_ref.trace` as /usr/bin/time -v reports it, or None."""
+def time_v_trace(weights: Path, dtype: str, prompt_tokens: int, work: Path) -> int | None:
+    """Peak RSS (bytes) of `python -m d2m_ref.trace` as /usr/bin/time -v reports it, or None.  The
+    trace goes to a fresh temporary folder inside `work`, so no file already there is touched."""
     if not Path("/usr/bin/time").exists():
         return None
     ids = ",".join(map(str, np.random.default_rng(0).integers(0, 1000, prompt_tokens)))
-    out = out_dir / f"trace-{dtype}.safetensors"
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "d2m_ref.trace", "--weights", str(weights),
-           "--tokens", ids, "--out", str(out), "--dtype", dtype, "--quiet", "--force"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    out.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".d2m-bench-trace-", dir=work) as tmp:
+        cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "d2m_ref.trace", "--weights", str(weights),
+               "--tokens", ids, "--out", str(Path(tmp) / f"trace-{dtype}.safetensors"), "--dtype", dtype, "--quiet"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr)
     if res.returncode or not m:
         raise D2MError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr[-2000:]}")
@@ -175,44 +179,120 @@ def time_v_trace(weights: Path, dtype: str, prompt_tokens: int, out_dir: Path) -
 
 
 def write_model(cfg_dict: dict, folder: Path, seed: int) -> Path:
-    """config.json + model.safetensors (bf16), written tensor by tensor."""
+    """config.json + model.safetensors (bf16, written tensor by tensor, the config also stored in its
+    __metadata__) in `folder` -> the weights' path.
+
+    Files already in `folder` may be the user's (--dir): config.json is written only when absent and
+    must otherwise hold this config; model.safetensors is reused only when the config stored in it
+    is this one.  Anything else is an InputError naming the file; nothing is overwritten."""
     from .synth import write_checkpoint
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg_dict, indent=1))
-    path = folder / "model.safetensors"
-    if not path.exists():
-        write_checkpoint(parse_config(cfg_dict), path, seed=seed, storage="BF16")
+    config_path, path = folder / "config.json", folder / "model.safetensors"
+    if not reusable(cfg_dict, folder):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{folder}: cannot create directory ({exc.strerror or exc})") from None
+        metadata = {METADATA_CONFIG_KEY: json.dumps(cfg_dict, separators=(",", ":"))}
+        write_checkpoint(parse_config(cfg_dict), path, seed=seed, storage="BF16", metadata=metadata)
+    if not config_path.exists():
+        atomic_write_bytes(config_path, json.dumps(cfg_dict, indent=1).encode("utf-8"), force=False)
     return path
 
 
-def main(argv: list[str]) -> int:
+def reusable(cfg_dict: dict, folder: Path) -> bool:
+    """True if folder/model.safetensors holds `cfg_dict` (stored in its __metadata__), False if it is
+    absent; InputError if it or folder/config.json holds another config (write_model's rules)."""
+    config_path, path = folder / "config.json", folder / "model.safetensors"
+    wanted = json.loads(json.dumps(cfg_dict))  # the config as it reads back from JSON
+    if config_path.exists() and _json_of(config_path.read_bytes) != wanted:
+        raise InputError(f"{config_path}: exists and differs from the benchmark's config for this shape; "
+                         "give another --dir (or remove the file)")
+    if not path.exists():
+        return False
+    if _json_of(lambda: _stored_config(path)) != wanted:
+        raise InputError(f"{path}: exists but holds another config than the benchmark's for this shape "
+                         f"(__metadata__['{METADATA_CONFIG_KEY}']); give another --dir (or remove the file)")
+    return True
+
+
+def _stored_config(path: Path) -> str | None:
+    with SafetensorsFile(path) as f:
+        return f.metadata.get(METADATA_CONFIG_KEY)
+
+
+def _json_of(read) -> object:
+    """The JSON value read() returns (text or bytes), or None if there is none or it is not JSON."""
+    try:
+        text = read()
+        return None if text is None else json.loads(text)
+    except (OSError, ValueError):
+        return None
+
+
+LAYOUTS = ("dense", "dense2moe-pairs")
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m d2m_ref.bench memory", description=__doc__.split("\n\n")[0])
     p.add_argument("kind", choices=["memory"])
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-3b")
-    p.add_argument("--layouts", default="dense,dense2moe-pairs",
-                   help="comma list of dense, dense2moe-pairs (default both)")
-    p.add_argument("--dtypes", default="float64,float32")
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--decode-tokens", type=int, default=8)
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list of {', '.join(LAYOUTS)} (default both)")
+    p.add_argument("--dtypes", default="float64,float32", help="comma list of float64, float32 (default both)")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="tokens of the prefill (default 32)")
+    p.add_argument("--decode-tokens", type=int, default=8, help="tokens decoded after it (default 8)")
     p.add_argument("--dir", type=Path, help="where to write the checkpoints (default: a temporary folder, "
-                   "deleted afterwards); an existing model.safetensors there is reused")
+                   "deleted afterwards); a checkpoint there is reused when it holds the same config, and "
+                   "no file there is overwritten")
     p.add_argument("--json", type=Path, help="write the rows as JSON")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main_with_status(build_parser(), bench_command, sys.argv[1:] if argv is None else argv)
+
+
+def layout_config(dense: dict, layout: str) -> dict:
+    return dense if layout == "dense" else fused_in_pairs(dense)
+
+
+def check_arguments(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """-> (layouts, dtypes), or InputError naming the bad argument or a file in --dir that is in
+    the way (before any work starts)."""
+    layouts, dtypes = args.layouts.split(","), args.dtypes.split(",")
+    for option, items, allowed in (("--layouts", layouts, LAYOUTS), ("--dtypes", dtypes, tuple(cli.DTYPES))):
+        bad = [item for item in items if item not in allowed]
+        if bad:
+            raise InputError(f"{option}: {bad[0]!r} is not one of {', '.join(allowed)}")
+    for option, n in (("--prompt-tokens", args.prompt_tokens), ("--decode-tokens", args.decode_tokens)):
+        if n < 1:
+            raise InputError(f"{option} {n}: must be at least 1")
+    limit = SHAPES[args.shape]()["max_position_embeddings"]
+    if args.prompt_tokens + args.decode_tokens > limit:
+        raise InputError(f"--prompt-tokens {args.prompt_tokens} + --decode-tokens {args.decode_tokens} is longer than "
+                         f"the {args.shape} shape allows: max_position_embeddings={limit}")
+    if args.dir is not None:
+        for layout in layouts:
+            reusable(layout_config(SHAPES[args.shape](), layout), args.dir / f"{args.shape}-{layout}")
+    return layouts, dtypes
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    layouts, dtypes = check_arguments(args)
     work = args.dir or Path(tempfile.mkdtemp(prefix="d2m-bench-memory-"))
     try:
         bandwidth = measure_bandwidth_gbps()
         print(f"read bandwidth (this machine, this run): {bandwidth:.1f} GB/s")
         rows = []
         dense = SHAPES[args.shape]()
-        for layout in args.layouts.split(","):
-            cfg_dict = dense if layout == "dense" else fused_in_pairs(dense)
+        for layout in layouts:
+            cfg_dict = layout_config(dense, layout)
             t = time.perf_counter()
             weights = write_model(cfg_dict, work / f"{args.shape}-{layout}", seed=0)
             size = weights.stat().st_size
             print(f"{args.shape} {layout}: {size / GiB:.2f} GiB bf16 checkpoint ready ({time.perf_counter() - t:.0f} s)")
             cfg = parse_config(cfg_dict)
             bound = decode_bytes_per_token(cfg, args.prompt_tokens + args.decode_tokens) / (bandwidth * 1e9)
-            for dtype in args.dtypes.split(","):
+            for dtype in dtypes:
                 r = run_child(weights, dtype, args.prompt_tokens, args.decode_tokens)
                 tv = time_v_trace(weights, dtype, args.prompt_tokens, work)
                 decode = float(np.median(r["decode_s"]))

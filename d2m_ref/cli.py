@@ -1,4 +1,4 @@
-"""Plumbing shared by the command-line entry points (run, trace): options, loading, exit status.
+"""Plumbing shared by the command-line entry points (run, trace, demo, bench): options, loading, exit status.
 
 Exit status: 0 done, 2 bad input (any D2MError, or an argparse error), 130 interrupted.  Bad
 input is reported as one `error: ...` line on stderr that names the culprit, never a traceback;
@@ -9,6 +9,8 @@ point of its own; nothing but the entry points imports it.
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Callable
@@ -31,14 +33,24 @@ def main_with_status(parser: argparse.ArgumentParser, body: Callable[[argparse.N
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2, message already printed)
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    return status_of(lambda: body(args))
+
+
+def status_of(body: Callable[[], int]) -> int:
+    """body() -> its exit status; D2MError -> `error: message` on stderr, status 2; Ctrl-C -> 130."""
     try:
-        return body(args)
+        return body()
     except D2MError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def warn(message: str) -> None:
+    """One `warning: ...` line on stderr: something was skipped, the run goes on."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def add_model_options(parser: argparse.ArgumentParser, weights_required: bool) -> None:
@@ -63,11 +75,52 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
-def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Model, Tokenizer | None]:
-    """The model of --weights/--config and the tokenizer of --tokenizer (or the one beside the weights)."""
-    tokenizer_path = args.tokenizer or tokenizer_beside(args.weights)
-    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
-    return load_model(args.weights, args.config), tokenizer
+# What a path names when it is not a regular file: reading a FIFO or a terminal would wait for a
+# writer forever, /dev/zero would never end.
+FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+              (stat.S_ISSOCK, "a socket"))
+
+
+def check_input_files(args: argparse.Namespace) -> None:
+    """InputError if --weights (unless a directory), --config or --tokenizer exists but is not a
+    regular file.  A missing one is left to its loader, which names it."""
+    for option, path in (("--weights", args.weights), ("--config", args.config), ("--tokenizer", args.tokenizer)):
+        if path is None:
+            continue
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue
+        if stat.S_ISREG(mode) or (option == "--weights" and stat.S_ISDIR(mode)):
+            continue
+        kind = next((name for test, name in FILE_KINDS if test(mode)), "a directory" if stat.S_ISDIR(mode) else "")
+        raise InputError(f"{option} {path}: not a regular file" + (f" ({kind})" if kind else ""))
+
+
+def load_model_checked(args: argparse.Namespace) -> Model:
+    """The model of --weights/--config, after check_input_files."""
+    check_input_files(args)
+    return load_model(args.weights, args.config)
+
+
+def load_tokenizer_for(args: argparse.Namespace, *, decode_output: bool) -> Tokenizer | None:
+    """The tokenizer, loaded only when something needs it.
+
+    --tokenizer given: always loaded, a bad file is an error.  Else the tokenizer.json beside the
+    weights, if any: loaded for --prompt (a bad file is an error) or, when `decode_output`, to show
+    the output as text (a bad file is one warning line: the output is shown as ids)."""
+    if args.tokenizer is not None:
+        return load_tokenizer(args.tokenizer)
+    path = tokenizer_beside(args.weights)
+    if path is None or (args.prompt is None and not decode_output):
+        return None
+    if args.prompt is not None:
+        return load_tokenizer(path)
+    try:
+        return load_tokenizer(path)
+    except InputError as exc:
+        warn(f"{exc}; showing token ids only")
+        return None
 
 
 def input_ids(args: argparse.Namespace, model: Model, tokenizer: Tokenizer | None) -> np.ndarray:

@@ -29,8 +29,10 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from . import cli
 from .config import parse_config
-from .errors import D2MError, InputError
+from .errors import InputError
+from .files import atomic_write_bytes, printable, refuse_existing
 from .synth import write_checkpoint
 from .weights import METADATA_CONFIG_KEY
 
@@ -113,13 +115,12 @@ def config_text(config: dict) -> str:
 def build_demo(directory: str | Path, force: bool = False) -> Path:
     """Write config.json, model.safetensors and tokenizer.json of the demo into `directory`.
 
-    Refuses (InputError naming the file) to overwrite any of them unless `force`; checks all
-    three before writing any, so a refusal leaves the directory as it was."""
+    Refuses (OutputExistsError naming the file) to overwrite any of them unless `force`; checks
+    all three before writing any, so a refusal leaves the directory as it was.  Each file is
+    written to a temporary beside it and renamed into place."""
     directory = Path(directory)
-    if not force:
-        existing = [name for name in FILES if (directory / name).exists()]
-        if existing:
-            raise InputError(f"{directory / existing[0]}: exists; pass --force to overwrite the demo files")
+    for name in FILES:
+        refuse_existing(directory / name, force)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -130,16 +131,10 @@ def build_demo(directory: str | Path, force: bool = False) -> Path:
                 "generated_by": "python -m d2m_ref.demo --out DIR"}
     write_checkpoint(cfg, directory / "model.safetensors", seed=DEMO_SEED, storage="BF16",
                      metadata=metadata, force=force)
-    _write_text(directory / "config.json", config_text(config))
-    _write_text(directory / "tokenizer.json", byte_tokenizer().to_str(pretty=True) + "\n")
+    atomic_write_bytes(directory / "config.json", config_text(config).encode("utf-8"), force=force)
+    tokenizer_text = byte_tokenizer().to_str(pretty=True) + "\n"
+    atomic_write_bytes(directory / "tokenizer.json", tokenizer_text.encode("utf-8"), force=force)
     return directory
-
-
-def _write_text(path: Path, text: str) -> None:
-    try:
-        path.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,16 +142,12 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Write the demo Dense2MoE model (config, BF16 weights, tokenizer).")
     parser.add_argument("--out", required=True, type=Path, help="directory to write the three files into")
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    try:
-        out = build_demo(args.out, force=args.force)
-    except D2MError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {', '.join(str(out / name) for name in FILES)}")
+    return cli.main_with_status(parser, demo_command, argv)
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    out = build_demo(args.out, force=args.force)
+    print(f"wrote {', '.join(printable(out / name) for name in FILES)}")
     return 0
 
 

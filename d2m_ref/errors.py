@@ -26,5 +26,9 @@ class TraceError(D2MError):
     """A trace file is not a trace, is of another version, or contradicts its own metadata."""
 
 
+class NonFiniteError(D2MError):
+    """A forward pass produced NaN or Inf logits; the message names the first non-finite stage."""
+
+
 class OutputExistsError(D2MError, FileExistsError):
     """An output file exists already; nothing is overwritten without --force."""

@@ -20,7 +20,9 @@ from . import cli
 from .config import ModelConfig
 from .demo import build_demo
 from .errors import InputError
+from .files import printable
 from .generate import Generation, check_sampling, generate
+from .model import check_input_ids
 from .progress import terminal_progress
 from .tokenizer import Tokenizer
 
@@ -50,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     if args.weights is not None:
         return run_model(args)
     if args.config is not None:
         raise InputError(f"--config {args.config} given without --weights: the demo model has its own config")
-    print(DEMO_NOTE)
     with tempfile.TemporaryDirectory(prefix="d2m_demo_") as tmp:
         args.weights = build_demo(tmp) / "model.safetensors"
         if args.prompt is None and args.tokens is None:
@@ -63,19 +65,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_model(args: argparse.Namespace, demo: bool = False) -> int:
-    model, tokenizer = cli.load_model_and_tokenizer(args)
+    """Everything the user gave is checked before the first line is printed."""
+    if args.prompt is None and args.tokens is None:
+        raise InputError("give --prompt TEXT or --tokens 1,2,3 (only the demo model has a default prompt)")
+    model = cli.load_model_checked(args)
     try:
-        if args.prompt is None and args.tokens is None:
-            raise InputError("give --prompt TEXT or --tokens 1,2,3 (only the demo model has a default prompt)")
-        ids = cli.input_ids(args, model, tokenizer)
-        check_sampling(args.max_new_tokens, args.temperature, args.top_p)  # before anything is printed
         cfg = model.config
+        tokenizer = cli.load_tokenizer_for(args, decode_output=True)
+        ids = check_input_ids(cli.input_ids(args, model, tokenizer), cfg, 0)
+        eos = eos_ids(cfg)
+        if demo:
+            print(DEMO_NOTE)
         print(model_summary(cfg))
         if not demo:
-            print(f"weights: {args.weights}")
+            print(f"weights: {printable(args.weights)}")
         print(f"prompt: {ids.size} tokens" + (f" {args.prompt!r}" if args.prompt is not None else ""))
         result = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, seed=args.seed, eos_ids=eos_ids(cfg),
+                          top_p=args.top_p, seed=args.seed, eos_ids=eos,
                           dtype=cli.DTYPES[args.dtype], progress=terminal_progress(args.quiet))
         print(report(result, cfg, tokenizer, args))
     finally:

@@ -34,7 +34,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from d2m_ref.errors import OutputExistsError, WeightsError
+from d2m_ref.errors import WeightsError
+from d2m_ref.files import refuse_existing
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
@@ -755,8 +756,7 @@ def _write_atomic(path: pathlib.Path, force: bool, write: Callable[[object], Non
     """
     if path.is_dir():
         raise WeightsError(f"{path}: is a directory")
-    if not force and path.exists():
-        raise OutputExistsError(f"{path}: file exists; pass --force (force=True) to overwrite it")
+    refuse_existing(path, force)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         # O_EXCL: never write into someone else's file; 0o666 & ~umask, like a plain open().
@@ -769,8 +769,7 @@ def _write_atomic(path: pathlib.Path, force: bool, write: Callable[[object], Non
             _finish(path, f)
         # Checked again: the file may have appeared while we wrote. (A tiny race remains;
         # os.link would close it but is not available on every filesystem.)
-        if not force and path.exists():
-            raise OutputExistsError(f"{path}: file exists; pass --force (force=True) to overwrite it")
+        refuse_existing(path, force)
         try:
             os.replace(tmp, path)
         except OSError as e:

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from .errors import InputError
 
 TOKENIZER_FILE = "tokenizer.json"
+SHOWN_CHARS = 60  # an error quotes at most this much of a prompt
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,10 +36,11 @@ class Tokenizer:
         With `model_vocab_size`, an id >= it is an InputError naming the id and the text piece."""
         if not text:
             raise InputError("the prompt is empty: give some text")
+        check_utf8(text)
         encoding = self.hf.encode(text)
         ids = np.asarray(encoding.ids, dtype=np.int64)
         if ids.size == 0:
-            raise InputError(f"{self.path}: the prompt {text!r} encodes to no tokens")
+            raise InputError(f"{self.path}: the prompt {shown(text)} encodes to no tokens")
         if model_vocab_size is not None:
             bad = np.nonzero(ids >= model_vocab_size)[0]
             if bad.size:
@@ -61,6 +63,24 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         """The id of a token string (e.g. '<|endoftext|>'), or None."""
         return self.hf.token_to_id(token)
+
+
+def shown(text: str) -> str:
+    """A prompt as an error quotes it: a Python literal of its first SHOWN_CHARS characters, and
+    its length when cut."""
+    return repr(text[:SHOWN_CHARS]) + (f"... ({len(text)} characters)" if len(text) > SHOWN_CHARS else "")
+
+
+def check_utf8(text: str) -> None:
+    """InputError if `text` cannot be UTF-8: Python decodes argv bytes that are not UTF-8 to lone
+    surrogates (PEP 383: byte 0xNN -> U+DCNN), which `tokenizers` rejects with a bare TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        detail = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise InputError(f"the prompt {shown(text)} is not valid UTF-8 ({detail} at position {exc.start}); "
+                         "give UTF-8 text, or --tokens") from None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -1,14 +1,5 @@
-"""Traces: every intermediate tensor of one forward pass, written to and read from a safetensors file.
-
-A trace is what a candidate implementation is checked against, stage by stage (spec/format.md §2).
-It is made by the very `forward` that `run` uses, with `capture={}`: there is no second copy
-of the model to drift.  File layout:
-
-    tensors       the capture dict: float tensors in the compute dtype (F64 or F32), ids as I64
-                  (input_ids, embeddings, attn_out.{i}, ffn_out.{i}, hidden.{i}, router_logits.{i},
-                  router_scores.{i}, topk_ids.{i}, topk_weights.{i}, final_norm, logits)
-    __metadata__  format = "d2m_ref.trace", trace_version, spec_version, dtype, command (the
-                  command line that made it), config (the config JSON), weights (the path)
+"""`python -m d2m_ref.trace`: write every intermediate tensor of one forward pass to a trace file
+(the format and its reader: d2m_ref/tracefile.py, spec/format.md §2).
 
     python -m d2m_ref.trace --weights W [--config C] (--tokens 1,2,3 | --prompt TEXT [--tokenizer T])
                             --out trace.safetensors [--dtype float64|float32] [--force] [--quiet]
@@ -17,97 +8,18 @@ of the model to drift.  File layout:
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from . import SPEC_VERSION, cli
-from .errors import InputError, TraceError
-from .model import COMPUTE_DTYPES, forward
-from .progress import Update, terminal_progress
-from .safetensors_io import SafetensorsFile, save
+from . import cli
+from .errors import InputError
+from .files import printable, refuse_existing, same_file
+from .generate import check_finite
+from .progress import terminal_progress
+from .tokenizer import tokenizer_beside
+from .tracefile import PROG, capture_trace, trace_metadata, write_trace
 from .weights import Model
-
-TRACE_FORMAT = "d2m_ref.trace"
-TRACE_VERSION = "1"
-METADATA_KEYS = ("format", "trace_version", "spec_version", "dtype", "command", "config", "weights")
-PROG = "python -m d2m_ref.trace"
-
-
-# ---------------------------------------------------------------------------------------------
-# Making and writing
-
-
-def capture_trace(model: Model, input_ids, dtype=np.float64, progress: Update | None = None) -> dict[str, np.ndarray]:
-    """input ids [T] -> {name: tensor} of one `forward` (the capture dict, in forward order)."""
-    capture: dict[str, np.ndarray] = {}
-    forward(model, input_ids, dtype=dtype, capture=capture, progress=progress)
-    return capture
-
-
-def trace_metadata(model: Model, weights: str | Path, dtype, command: str) -> dict[str, str]:
-    """The __metadata__ of a trace of `model` (all values strings, as safetensors requires)."""
-    return {"format": TRACE_FORMAT, "trace_version": TRACE_VERSION, "spec_version": SPEC_VERSION,
-            "dtype": np.dtype(dtype).name, "command": command,
-            "config": json.dumps(model.config.source, separators=(",", ":")), "weights": str(weights)}
-
-
-def write_trace(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str],
-                force: bool = False) -> None:
-    """Write a trace: float tensors must already be in metadata['dtype'], integer ones become int64."""
-    dtype = np.dtype(metadata["dtype"])
-    stored = {}
-    for name, t in tensors.items():
-        t = np.asarray(t)
-        if np.issubdtype(t.dtype, np.integer):
-            t = t.astype(np.int64)
-        elif t.dtype != dtype:  # a float of another dtype would silently change the trace's precision
-            raise TraceError(f"{path}: tensor '{name}' is {t.dtype}, the trace is {dtype}")
-        stored[name] = t
-    save(path, stored, metadata=metadata, force=force)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-
-
-def read_trace(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """A trace file -> ({name: tensor}, metadata), or TraceError naming what is wrong."""
-    path = Path(path)
-    with SafetensorsFile(path) as f:
-        metadata = f.metadata
-        check_trace_metadata(path, metadata)
-        dtype = np.dtype(metadata["dtype"])
-        tensors = {}
-        for name in f.names():
-            t = f.raw(name)
-            if t.dtype.kind == "f" and t.dtype != dtype:
-                raise TraceError(f"{path}: tensor '{name}' is {t.dtype} but the trace's dtype is {dtype}")
-            tensors[name] = t.copy()  # own memory: the file is closed on return
-    return tensors, metadata
-
-
-def check_trace_metadata(path: Path, metadata: dict[str, str]) -> None:
-    fmt = metadata.get("format")
-    if fmt != TRACE_FORMAT:
-        raise TraceError(f"{path}: not a d2m_ref trace (__metadata__ format={fmt!r}, expected {TRACE_FORMAT!r})")
-    version = metadata.get("trace_version")
-    if version != TRACE_VERSION:
-        command = metadata.get("command") or f"{PROG} --weights ... --tokens ... --out {path}"
-        if "--force" not in command.split():
-            command += " --force"
-        raise TraceError(f"{path}: trace_version={version!r}, but this d2m_ref reads trace_version "
-                         f"{TRACE_VERSION!r}; regenerate it with: {command}")
-    missing = [k for k in METADATA_KEYS if k not in metadata]
-    if missing:
-        raise TraceError(f"{path}: __metadata__ lacks {', '.join(map(repr, missing))}")
-    dtypes = [d.name for d in COMPUTE_DTYPES]
-    if metadata["dtype"] not in dtypes:
-        raise TraceError(f"{path}: __metadata__ dtype={metadata['dtype']!r}, expected one of {', '.join(dtypes)}")
-
 
 # ---------------------------------------------------------------------------------------------
 # Command line
@@ -130,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def trace_command(args: argparse.Namespace, argv: list[str]) -> int:
-    if args.out.exists() and not args.force:  # before the forward pass, not after it
-        raise InputError(f"{args.out}: exists; pass --force to overwrite it")
-    model, tokenizer = cli.load_model_and_tokenizer(args)
+    refuse_existing(args.out, args.force)  # before the forward pass, not after it
+    model = cli.load_model_checked(args)
     try:
-        ids = cli.input_ids(args, model, tokenizer)
+        refuse_own_input(args, model)
+        ids = cli.input_ids(args, model, cli.load_tokenizer_for(args, decode_output=False))
         dtype = cli.DTYPES[args.dtype]
         progress = terminal_progress(args.quiet)
         try:
@@ -142,13 +54,32 @@ def trace_command(args: argparse.Namespace, argv: list[str]) -> int:
         finally:
             if progress:
                 progress.close()
+        check_finite(tensors["logits"], tensors, "in the prefill")  # a trace of NaNs checks nothing
         metadata = trace_metadata(model, args.weights, dtype, f"{PROG} {shlex.join(argv)}")
         write_trace(args.out, tensors, metadata, force=args.force)
     finally:
         model.close()
     if not args.quiet:
-        print(f"wrote {args.out}: {len(tensors)} tensors of {ids.size} tokens, {args.dtype}")
+        print(f"wrote {printable(args.out)}: {len(tensors)} tensors of {ids.size} tokens, {args.dtype}")
     return 0
+
+
+def refuse_own_input(args: argparse.Namespace, model: Model) -> None:
+    """InputError if --out is (the same file as) one of the files the model came from — the weights,
+    their index and shards, config.json beside them, --config, the tokenizer: --force allows
+    overwriting an old output, never the checkpoint being read."""
+    inputs = [("the weights", args.weights)]
+    if model.checkpoint is not None:
+        inputs.append(("the weights", model.checkpoint.path))
+        shards = dict.fromkeys(model.checkpoint.file_of(name) for name in model.checkpoint.names())
+        inputs += [("a shard of the weights", shard) for shard in shards]
+    folder = args.weights if args.weights.is_dir() else args.weights.parent
+    inputs += [("the config", args.config), ("the config", folder / "config.json"),
+               ("the tokenizer", args.tokenizer), ("the tokenizer", tokenizer_beside(args.weights))]
+    for what, path in inputs:
+        if path is not None and same_file(args.out, path):
+            raise InputError(f"--out {args.out} is the same file as {what} ({path}): a trace never "
+                             "overwrites its input, even with --force")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from d2m_ref import forward, load_model
 from d2m_ref.demo import build_demo
 from d2m_ref.generate import generate
 from d2m_ref.safetensors_io import save
-from d2m_ref.trace import TRACE_FORMAT, TraceError, read_trace
+from d2m_ref.errors import TraceError
+from d2m_ref.tracefile import TRACE_FORMAT, read_trace
 from d2m_ref import run, trace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,7 +141,7 @@ def test_trace_refuses_to_overwrite_without_force(bare, tmp_path, capsys):
     out.write_bytes(b"precious")
     argv = ["--weights", str(bare), "--tokens", "1,2", "--out", str(out)]
     status, _, err = call(trace.main, argv, capsys)
-    assert status == 2 and f"{out}: exists; pass --force" in err and "Traceback" not in err
+    assert status == 2 and err == f"error: {out}: file exists; pass --force to overwrite it\n"
     assert out.read_bytes() == b"precious"
     status, _, err = call(trace.main, [*argv, "--force", "--quiet"], capsys)
     assert status == 0, err
@@ -207,10 +208,12 @@ def _argv(argv: list[str], bare: Path, broken: dict[str, Path]) -> list[str]:
 
 @pytest.mark.parametrize("what, argv, culprit", BAD_INPUT, ids=[b[0] for b in BAD_INPUT])
 def test_run_bad_input(what, argv, culprit, bare, broken, capsys):
+    """Named, status 2, and checked before anything is printed (no summary above an error)."""
     status, out, err = call(run.main, _argv(argv, bare, broken), capsys)
     assert status == 2
     assert culprit in err
     assert "Traceback" not in err + out
+    assert out == ""
 
 
 @pytest.mark.parametrize("what, argv, culprit", BAD_INPUT, ids=[b[0] for b in BAD_INPUT])
@@ -245,20 +248,395 @@ def test_bad_input_in_a_subprocess(module, argv, culprit, bare, broken, tmp_path
     assert "Traceback" not in done.stderr
 
 
+def entry_points() -> set[str]:
+    """The modules of d2m_ref/*.py that can be run (`if __name__ == "__main__":` at top level): found, not listed."""
+    found = set()
+    for path in (REPO / "d2m_ref").glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.If) and ast.unparse(node.test).replace("'", '"') == '__name__ == "__main__"':
+                found.add(path.stem)
+    return found
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute dotted names a module imports (relative imports resolved; `from . import x` gives pkg.x)."""
+    package = path.relative_to(REPO).parent.as_posix().split("/")  # ['d2m_ref'] or ['d2m_ref', 'adapters']
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names |= {module} | {f"{module}.{a.name}" for a in node.names}
+    return names
+
+
 def test_arrows_point_down():
-    """No module of the package imports an entry point (run) or the entry points' plumbing (cli),
-    except the entry points themselves (run, trace)."""
-    entry_points = {"run", "trace"}
-    for path in sorted((REPO / "d2m_ref").glob("*.py")):
-        if path.stem in entry_points | {"cli"}:
+    """No module of the package imports an entry point (any d2m_ref/*.py with a __main__ block) or
+    the entry points' plumbing (cli); only entry points import them."""
+    entry = entry_points()
+    assert {"run", "trace", "demo", "bench", "bench_memory"} <= entry, entry
+    upward = {f"d2m_ref.{name}" for name in entry | {"cli"}}
+    found = set()
+    for path in sorted((REPO / "d2m_ref").rglob("*.py")):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        if module in upward:
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                names = [f"{node.module or ''}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            else:
-                continue
-            for name in names:
-                parts = set(name.replace("d2m_ref", "").strip(".").split("."))
-                assert not parts & {"run", "cli"}, f"{path.name} imports {name}"
+        for name in imported_modules(path):
+            target = ".".join(name.split(".")[:2])  # d2m_ref.trace.write_trace -> d2m_ref.trace
+            if target in upward and target != module:
+                found.add((module, target))
+    assert found == set(), f"upward imports: {sorted(found)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# files: one refusal message, atomic writes
+
+
+def test_refuse_existing_and_atomic_write(tmp_path):
+    """An existing path is refused by name unless force; the write replaces the file whole."""
+    from d2m_ref.errors import OutputExistsError
+    from d2m_ref.files import atomic_write_bytes, refuse_existing
+    path = tmp_path / "out.json"
+    refuse_existing(path, force=False)  # absent: fine
+    atomic_write_bytes(path, b"one", force=False)
+    with pytest.raises(OutputExistsError, match=re.escape(f"{path}: file exists; pass --force to overwrite it")):
+        atomic_write_bytes(path, b"two", force=False)
+    assert path.read_bytes() == b"one"
+    atomic_write_bytes(path, b"two", force=True)
+    assert path.read_bytes() == b"two" and os.listdir(tmp_path) == ["out.json"]
+
+
+def test_atomic_write_leaves_no_temporary_on_failure(tmp_path, monkeypatch):
+    """A failure while writing (here fsync) is named, keeps the old file and leaves no temporary."""
+    from d2m_ref.errors import D2MError
+    from d2m_ref.files import atomic_write_bytes
+    path = tmp_path / "out.json"
+    path.write_bytes(b"old")
+
+    def fail(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(D2MError, match=r"out\.json: cannot write \(No space left on device\)"):
+        atomic_write_bytes(path, b"new", force=True)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.json"]
+
+
+def test_one_refusal_message_everywhere(bare, tmp_path, capsys):
+    """trace, demo and safetensors.save refuse an existing output with the same class and message."""
+    from d2m_ref.errors import OutputExistsError
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"mine")
+    expected = f"{target}: file exists; pass --force to overwrite it"
+    status, _, err = call(trace.main, ["--weights", str(bare), "--tokens", "1", "--out", str(target)], capsys)
+    assert status == 2 and err == f"error: {expected}\n"
+    for attempt in (lambda: build_demo(tmp_path), lambda: save(target, {"a": np.ones(1)})):
+        with pytest.raises(OutputExistsError) as info:
+            attempt()
+        assert str(info.value) == expected
+    assert target.read_bytes() == b"mine"
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, demo) -> Path:
+    """The demo weights split into two shards with an index and config.json."""
+    from d2m_ref.safetensors_io import SafetensorsFile
+    d = tmp_path_factory.mktemp("sharded")
+    with SafetensorsFile(demo / "model.safetensors") as f:
+        names = f.names()
+        halves = [names[: len(names) // 2], names[len(names) // 2:]]
+        weight_map = {}
+        for k, half in enumerate(halves, 1):
+            shard = f"model-0000{k}-of-00002.safetensors"
+            save(d / shard, {n: f.raw(n) for n in half}, dtypes={n: f.dtype(n) for n in half})
+            weight_map |= dict.fromkeys(half, shard)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shutil.copy(demo / "config.json", d / "config.json")
+    return d
+
+
+@pytest.mark.parametrize("what", ["the weights file", "a hard link to it", "a shard", "the index",
+                                  "the index of a directory", "config.json beside", "tokenizer.json beside"])
+def test_trace_never_overwrites_its_own_input(what, bare, sharded, demo, tmp_path, capsys):
+    """--out naming (or being the same file as) --weights, one of its shards, or the config or
+    tokenizer read with them is refused even with --force."""
+    if what == "the index of a directory":
+        weights, out = sharded, sharded / "model.safetensors.index.json"
+    elif what in ("config.json beside", "tokenizer.json beside"):
+        weights, out = demo, demo / what.split()[0]
+    elif what == "the weights file":
+        weights, out = bare, bare
+    elif what == "a hard link to it":
+        weights, out = bare, tmp_path / "link.safetensors"
+        os.link(bare, out)
+    elif what == "a shard":
+        weights, out = sharded, sharded / "model-00002-of-00002.safetensors"
+    else:
+        weights = out = sharded / "model.safetensors.index.json"
+    before = out.read_bytes()
+    status, _, err = call(trace.main, ["--weights", str(weights), "--tokens", "1", "--out", str(out),
+                                       "--force", "--quiet"], capsys)
+    assert status == 2 and "Traceback" not in err
+    assert f"--out {out} is the same file as" in err and "even with --force" in err
+    assert out.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# run: every option checked by name, before anything is printed
+
+
+RUN_BAD_INPUT = [
+    ("negative seed when sampling", ["--seed", "-5", "--temperature", "1"], "seed=-5"),
+    ("negative max-new-tokens", ["--max-new-tokens", "-1"], "max_new_tokens=-1"),
+    ("top-p 0", ["--top-p", "0"], "top_p=0.0"),
+    ("top-p above 1", ["--top-p", "1.5"], "top_p=1.5"),
+    ("negative temperature", ["--temperature", "-0.5"], "temperature=-0.5"),
+]
+
+
+@pytest.mark.parametrize("what, argv, culprit", RUN_BAD_INPUT, ids=[b[0] for b in RUN_BAD_INPUT])
+def test_run_bad_sampling_options(what, argv, culprit, bare, capsys):
+    status, out, err = call(run.main, ["--weights", str(bare), "--tokens", "1,2", *argv], capsys)
+    assert status == 2 and culprit in err and err.startswith("error: ")
+    assert "Traceback" not in err and out == ""
+
+
+def test_run_greedy_ignores_the_seed(bare, capsys):
+    """The seed matters only when sampling: greedy with --seed -5 runs."""
+    status, out, err = call(run.main, ["--weights", str(bare), "--tokens", "1,2", "--seed", "-5",
+                                       "--max-new-tokens", "2"], capsys)
+    assert status == 0, err
+
+
+def test_run_zero_new_tokens_is_just_the_prefill(bare, capsys):
+    status, out, err = call(run.main, ["--weights", str(bare), "--tokens", "1,2", "--max-new-tokens", "0"], capsys)
+    assert status == 0, err
+    assert "continuation ids: []" in out and "prefill: 2 tokens" in out and "decode: no tokens" in out
+
+
+def test_run_demo_bad_tokens_print_nothing(capsys):
+    """Even the demo's note comes after validation."""
+    status, out, err = call(run.main, ["--tokens", "1,999"], capsys)
+    assert status == 2 and "token id 999" in err and out == ""
+
+
+def test_run_bad_eos_id_prints_nothing(bare, demo, tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**json.loads((demo / "config.json").read_text()), "eos_token_id": "x"}))
+    status, out, err = call(run.main, ["--weights", str(bare), "--config", str(config), "--tokens", "1"], capsys)
+    assert status == 2 and "eos_token_id='x'" in err and out == ""
+
+
+@pytest.mark.filterwarnings("error")  # an overflow warning from the sampler fails the test
+def test_run_tiny_temperature_is_greedy(bare, capsys):
+    """temperature 1e-310 would overflow logits / T; the result is the greedy continuation, no warning."""
+    argv = ["--weights", str(bare), "--tokens", "72,105", "--max-new-tokens", "4"]
+    status, greedy_out, err = call(run.main, argv, capsys)
+    assert status == 0, err
+    status, out, err = call(run.main, [*argv, "--temperature", "1e-310", "--seed", "3"], capsys)
+    assert status == 0 and err == ""
+    ids = re.search(r"^continuation ids: .*$", out, re.M).group(0)
+    assert ids == re.search(r"^continuation ids: .*$", greedy_out, re.M).group(0)
+
+
+def test_undecodable_prompt_is_named(demo, capsys):
+    """A --prompt holding bytes that are not UTF-8 (surrogate escapes in argv) is named, shortened."""
+    prompt = "a" * 200 + "\udcff"
+    status, out, err = call(run.main, ["--weights", str(demo), "--prompt", prompt], capsys)
+    assert status == 2 and "Traceback" not in err and out == ""
+    assert "the prompt 'aaaa" in err and "not valid UTF-8 (byte 0xff at position 200)" in err and len(err) < 300
+
+
+def test_trace_paths_with_undecodable_bytes(bare, tmp_path, capsys):
+    """--out and --weights with bytes that are not UTF-8: the trace is written, its metadata shows them as \\xNN."""
+    weights = tmp_path / "w\udcfe.safetensors"
+    shutil.copy(bare, weights)
+    out = tmp_path / "x\udcff.safetensors"
+    status, _, err = call(trace.main, ["--weights", str(weights), "--tokens", "1", "--out", str(out), "--quiet"],
+                          capsys)
+    assert status == 0, err
+    metadata = read_trace(out)[1]
+    assert metadata["weights"].endswith("w\\xfe.safetensors") and "x\\xff.safetensors" in metadata["command"]
+
+
+def test_undecodable_paths_in_a_subprocess(bare, tmp_path):
+    """The real process, whose stdout is strict UTF-8: the 'wrote' line shows the name as \\xNN."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run([sys.executable, "-m", "d2m_ref.trace", "--weights", str(bare), "--tokens", "1",
+                           "--out", os.fsencode(tmp_path) + b"/x\xff.safetensors"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "x\\xff.safetensors" in done.stdout
+
+
+@pytest.mark.parametrize("option", ["--weights", "--config"])
+def test_input_that_is_not_a_regular_file(option, bare, tmp_path):
+    """A FIFO given as --weights or --config is named at once (open() on it would wait forever)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    argv = ["--weights", str(fifo if option == "--weights" else bare), "--tokens", "1"]
+    if option == "--config":
+        argv += ["--config", str(fifo)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "d2m_ref.run", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 2
+    assert done.stderr == f"error: {option} {fifo}: not a regular file (a FIFO)\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# the tokenizer beside the weights is loaded only when needed
+
+
+@pytest.fixture(scope="module")
+def bad_beside(tmp_path_factory, demo) -> Path:
+    """The demo weights and config with a broken tokenizer.json beside them."""
+    d = tmp_path_factory.mktemp("bad_beside")
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(demo / name, d / name)
+    (d / "tokenizer.json").write_text("{\"model\": 3}")
+    return d
+
+
+def test_run_tokens_with_a_broken_tokenizer_beside_warns(bad_beside, capsys):
+    """Needed only to decode the output: one warning line, ids only."""
+    status, out, err = call(run.main, ["--weights", str(bad_beside), "--tokens", "1,2", "--max-new-tokens", "2"],
+                            capsys)
+    assert status == 0, err
+    assert len(err.splitlines()) == 1 and err.startswith("warning: ") and "tokenizer.json" in err
+    assert "continuation ids: [" in out and "continuation: " not in out
+
+
+def test_trace_tokens_ignores_a_broken_tokenizer_beside(bad_beside, tmp_path, capsys):
+    status, _, err = call(trace.main, ["--weights", str(bad_beside), "--tokens", "1,2", "--out",
+                                       str(tmp_path / "t.safetensors"), "--quiet"], capsys)
+    assert status == 0 and err == ""
+
+
+@pytest.mark.parametrize("argv", [["--prompt", "hi"],
+                                  ["--tokens", "1", "--tokenizer", "{dir}/tokenizer.json"]],
+                         ids=["needed for --prompt", "given explicitly"])
+def test_a_broken_tokenizer_that_is_needed_or_given_is_an_error(argv, bad_beside, capsys):
+    argv = [a.format(dir=bad_beside) for a in argv]
+    status, out, err = call(run.main, ["--weights", str(bad_beside), *argv], capsys)
+    assert status == 2 and "tokenizer.json: not a valid tokenizer.json" in err and out == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN / Inf: run and trace refuse to report non-finite results
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory) -> dict[str, Path]:
+    """Demo-shaped F32 checkpoints: 'nan_and_inf' has a NaN in layer 0's up_proj and an Inf in
+    model.norm; 'inf_norm' only the Inf."""
+    from d2m_ref.config import parse_config
+    from d2m_ref.demo import DEMO_SEED, demo_config
+    from d2m_ref.synth import random_arrays
+    config = demo_config()
+    d = tmp_path_factory.mktemp("poisoned")
+    paths = {}
+    for what in ("nan_and_inf", "inf_norm"):
+        arrays = random_arrays(parse_config(config), DEMO_SEED, "F32")
+        if what == "nan_and_inf":
+            arrays["model.layers.0.mlp.up_proj.weight"][3, 5] = np.nan
+        arrays["model.norm.weight"][7] = np.inf
+        paths[what] = d / f"{what}.safetensors"
+        save(paths[what], arrays, metadata={"config": json.dumps(config)})
+    return paths
+
+
+@pytest.mark.parametrize("what, stage", [("nan_and_inf", "ffn_out.0 (layer 0 FFN output)"),
+                                         ("inf_norm", "final_norm (final norm output)")])
+@pytest.mark.parametrize("tool", ["run", "trace"])
+def test_non_finite_values_are_named_by_their_first_stage(tool, what, stage, poisoned, tmp_path, capsys):
+    """The first non-finite tensor in forward order is named; nothing plausible is printed or written."""
+    out_file = tmp_path / "t.safetensors"
+    argv = ["--weights", str(poisoned[what]), "--tokens", "1,2,3", "--quiet"]
+    main = run.main if tool == "run" else trace.main
+    status, out, err = call(main, argv if tool == "run" else [*argv, "--out", str(out_file)], capsys)
+    assert status == 2 and "Traceback" not in err
+    assert f"non-finite values in the prefill: first in {stage}" in err
+    assert "continuation" not in out and not out_file.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+
+
+def test_bench_kind_not_built_is_named(monkeypatch, capsys):
+    """A benchmark kind whose module is absent from this checkout: named, status 2, no traceback."""
+    from d2m_ref import bench
+    monkeypatch.setitem(bench.KINDS, "gemv", "d2m_ref.no_such_bench_module")
+    status, out, err = call(bench.main, ["gemv"], capsys)
+    assert status == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert "bench gemv" in err and "not available" in err and "d2m_ref.no_such_bench_module" in err
+
+
+def test_bench_dispatches_to_the_kind_module(monkeypatch, capsys):
+    """A present kind module gets the whole argv (its kind first); its D2MError is reported as status 2."""
+    import types
+    from d2m_ref import bench
+    from d2m_ref.errors import InputError
+    seen = []
+
+    def main(argv):
+        seen.append(argv)
+        if "--bad" in argv:
+            raise InputError("--bad is bad")
+        return 0
+
+    monkeypatch.setitem(sys.modules, "d2m_ref_fake_bench", types.SimpleNamespace(main=main))
+    monkeypatch.setitem(bench.KINDS, "gemv", "d2m_ref_fake_bench")
+    assert call(bench.main, ["gemv", "--rows", "8"], capsys)[0] == 0 and seen == [["gemv", "--rows", "8"]]
+    assert call(bench.main, ["gemv", "--bad"], capsys)[:3:2] == (2, "error: --bad is bad\n")
+
+
+BENCH_MEMORY_BAD = [
+    (["--prompt-tokens", "-1"], "--prompt-tokens -1"),
+    (["--decode-tokens", "0"], "--decode-tokens 0"),
+    (["--dtypes", "float64,float16"], "--dtypes: 'float16'"),
+    (["--layouts", "dense,moe"], "--layouts: 'moe'"),
+    (["--prompt-tokens", "40000"], "max_position_embeddings=32768"),
+]
+
+
+@pytest.mark.parametrize("argv, culprit", BENCH_MEMORY_BAD, ids=[a[0] for a, _ in BENCH_MEMORY_BAD])
+def test_bench_memory_bad_arguments(argv, culprit, monkeypatch, capsys):
+    """Checked before any work (no bandwidth measurement, no checkpoint): named, status 2."""
+    from d2m_ref import bench, bench_memory
+
+    def no_work(*_):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(bench_memory, "measure_bandwidth_gbps", no_work)
+    monkeypatch.setattr(bench_memory, "write_model", no_work)
+    status, out, err = call(bench.main, ["memory", *argv], capsys)
+    assert status == 2 and culprit in err and err.startswith("error: ") and "Traceback" not in err
+
+
+def test_bench_memory_dir_keeps_the_users_files(tmp_path):
+    """--dir: config.json is written only when absent, refused when different; model.safetensors is
+    reused only when the config stored in it matches."""
+    from d2m_ref import bench_memory
+    from d2m_ref.errors import D2MError
+    tiny = bench_memory.tiny_dense()
+    folder = tmp_path / "tiny-dense"
+    weights = bench_memory.write_model(tiny, folder, seed=0)
+    assert json.loads((folder / "config.json").read_text()) == tiny
+    first = weights.stat()
+    assert bench_memory.write_model(tiny, folder, seed=0) == weights  # same config: reused as is
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+
+    (folder / "config.json").write_text("{\"mine\": 1}")  # the user's own config: never overwritten
+    with pytest.raises(D2MError, match=r"config\.json: exists and differs from the benchmark's.*another --dir"):
+        bench_memory.write_model(tiny, folder, seed=0)
+    assert (folder / "config.json").read_text() == "{\"mine\": 1}"
+
+    (folder / "config.json").unlink()  # a checkpoint of another shape is not reused
+    other = dict(tiny, intermediate_size=64)
+    with pytest.raises(D2MError, match=r"model\.safetensors: exists but holds another config.*another --dir"):
+        bench_memory.write_model(other, folder, seed=0)
+    assert not (folder / "config.json").exists() and weights.stat().st_mtime_ns == first.st_mtime_ns

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from d2m_ref import load_model
 from d2m_ref.demo import EOS_ID, EOS_TOKEN, FILES, REGENERATE, build_demo
-from d2m_ref.errors import InputError
+from d2m_ref.errors import OutputExistsError
 from d2m_ref.safetensors_io import SafetensorsFile
 from d2m_ref.tokenizer import load_tokenizer
 
@@ -50,12 +51,27 @@ def test_build_is_reproducible(rebuilt, tmp_path):
 def test_build_refuses_to_overwrite(tmp_path):
     """Without force an existing file is named and nothing is written; with force it is replaced."""
     (tmp_path / "tokenizer.json").write_text("mine")
-    with pytest.raises(InputError, match="tokenizer.json: exists; pass --force"):
+    with pytest.raises(OutputExistsError, match="tokenizer.json: file exists; pass --force to overwrite it"):
         build_demo(tmp_path)
     assert not (tmp_path / "model.safetensors").exists()
     assert (tmp_path / "tokenizer.json").read_text() == "mine"
     build_demo(tmp_path, force=True)
     assert (tmp_path / "tokenizer.json").read_text() != "mine"
+
+
+def test_build_replaces_files_atomically(tmp_path):
+    """With force, config.json and tokenizer.json are replaced by new files (write to a temporary,
+    rename), never rewritten in place: a hard link to the old file keeps the old content."""
+    build_demo(tmp_path)
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).unlink()
+        (tmp_path / f"{name}.mine").write_text("mine")
+        os.link(tmp_path / f"{name}.mine", tmp_path / name)
+    build_demo(tmp_path, force=True)
+    for name in ("config.json", "tokenizer.json"):
+        assert (tmp_path / f"{name}.mine").read_text() == "mine", name
+        assert (tmp_path / name).read_text() != "mine", name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*FILES, "config.json.mine", "tokenizer.json.mine"])
 
 
 def test_demo_plan_shows_every_feature(rebuilt):

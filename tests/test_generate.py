@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -11,9 +12,10 @@ from d2m_ref import forward
 from d2m_ref.config import parse_config
 from d2m_ref.demo import DEMO_SEED, demo_config
 from d2m_ref.errors import InputError
-from d2m_ref.generate import generate, nucleus_size, sample
+from d2m_ref.errors import NonFiniteError
+from d2m_ref.generate import first_non_finite, generate, nucleus_size, sample
 from d2m_ref.progress import Progress, status_line, terminal_progress
-from d2m_ref.synth import random_model
+from d2m_ref.synth import model_from_arrays, random_arrays, random_model
 
 PROMPT = np.array([84, 104, 101, 32, 99, 97, 112])  # "The cap"
 
@@ -110,10 +112,51 @@ def test_stops_at_max_position_embeddings():
     (dict(top_p=1.5), "top_p=1.5"),
     (dict(temperature=-1.0), "temperature=-1.0"),
     (dict(max_new_tokens=-2), "max_new_tokens=-2"),
+    (dict(temperature=1.0, seed=-5), "seed=-5"),
+    (dict(temperature=1.0, seed=1.5), "seed=1.5"),
 ])
 def test_bad_sampling_settings_are_named(model, kwargs, culprit):
     with pytest.raises(InputError, match=culprit):
         generate(model, PROMPT, **kwargs)
+
+
+def test_greedy_ignores_the_seed(model):
+    """The seed matters only when sampling: a seed no Generator accepts does not stop greedy decoding."""
+    assert generate(model, PROMPT, max_new_tokens=2, seed=-5).new_ids.tolist() == \
+        generate(model, PROMPT, max_new_tokens=2).new_ids.tolist()
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324])
+def test_tiny_temperature_is_greedy_without_overflow(temperature):
+    """logits / T would overflow to inf (inf - inf = NaN); softmax((logits - max) / T) cannot."""
+    logits = np.array([0.5, 3.0, -1.0, 2.999])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert all(sample(logits, temperature, 1.0, np.random.default_rng(s)) == 1 for s in range(20))
+        assert sample(logits.astype(np.float32), temperature, 0.5, np.random.default_rng(0)) == 1
+
+
+def test_non_finite_logits_at_a_decode_step_are_named(model):
+    """A NaN reached only by a decode step (the embedding row of the first generated token) stops
+    generation there, naming the step and the first non-finite stage."""
+    first = int(generate(model, PROMPT, max_new_tokens=1).new_ids[0])
+    assert first not in PROMPT
+    arrays = random_arrays(model.config, DEMO_SEED, "F32")
+    arrays["model.embed_tokens.weight"][first, 0] = np.nan
+    poisoned = model_from_arrays(model.config, arrays)
+    with pytest.raises(NonFiniteError, match=r"non-finite values at decode step 1: first in embeddings "
+                                             r"\(token embeddings\)"):
+        generate(poisoned, PROMPT, max_new_tokens=3)
+
+
+def test_first_non_finite_follows_forward_order(model):
+    """The capture dict's insertion order is forward order; integer tensors are skipped."""
+    capture = {}
+    forward(model, PROMPT[:2], capture=capture)
+    assert first_non_finite(capture) is None
+    capture["hidden.2"] = capture["hidden.2"] * np.inf
+    capture["router_scores.1"] = capture["router_scores.1"] * np.nan
+    assert first_non_finite(capture) == "router_scores.1 (layer 1 router scores)"
 
 
 def test_prompt_checks_come_from_forward(model):

@@ -26,6 +26,19 @@ def test_ids_past_the_model_vocabulary_are_named(tok_path):
         tok.encode("hié", model_vocab_size=190)
 
 
+def test_undecodable_prompt_is_named_and_shortened(tok_path):
+    """Text with surrogate escapes (argv bytes that are not UTF-8) is named, not a TypeError from
+    tokenizers; a long prompt is shown by its first ~60 characters."""
+    tok = load_tokenizer(tok_path)
+    with pytest.raises(InputError, match=r"the prompt 'ab\\udcff' is not valid UTF-8 \(byte 0xff at position 2\)"):
+        tok.encode("ab\udcff")
+    with pytest.raises(InputError) as info:
+        tok.encode("x" * 1000 + "\udcff")
+    assert "x" * 50 in str(info.value) and "x" * 100 not in str(info.value) and "1001 characters" in str(info.value)
+    with pytest.raises(InputError, match=r"lone surrogate U\+D800 at position 0"):
+        tok.encode("\ud800")
+
+
 def test_decode_names_an_unknown_id(tok_path):
     tok = load_tokenizer(tok_path)
     assert tok.decode([104, 105]) == "hi"
