@@ -1,0 +1,361 @@
+"""The checker (d2m_ref.check, d2m_ref.compare): comparator, stages, routing, reports, command line.
+
+Candidates here are made from d2m_ref's own float64 trace (exact copies, edited on purpose), so
+each test knows exactly what the checker must say.  Independent candidates (torch, transformers)
+are in test_bug_catalog.py and test_adapters.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import d2m_ref
+from d2m_ref import check as chk
+from d2m_ref.compare import PRECISIONS, STAGE_FACTORS, TENSOR_SCALED, compare, tolerance
+from d2m_ref.safetensors_io import save
+from d2m_ref.synth import model_from_arrays, random_arrays, write_checkpoint
+
+from .models import dense2moe_config
+
+PLAN = [
+    {"attention": True, "ffn": "dense"},
+    {"attention": True, "ffn": "moe", "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False},
+    {"attention": False, "ffn": "moe", "num_experts": 3, "num_experts_per_tok": 1, "scoring_func": "sigmoid",
+     "selection_bias": True},
+    {"attention": True, "ffn": "dense"},
+]
+
+
+def small_model(seed: int = 0, plan=PLAN):
+    cfg = d2m_ref.parse_config(dense2moe_config(plan))
+    arrays = random_arrays(cfg, seed, "F32")
+    return cfg, arrays, model_from_arrays(cfg, arrays, "F32")
+
+
+def reference_trace(model, ids, forced=None) -> dict:
+    capture: dict = {}
+    d2m_ref.forward(model, ids, capture=capture, forced_routes=forced)
+    return capture
+
+
+IDS = np.array([5, 17, 3, 88, 41, 9, 60, 2, 33])
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparator and the table
+
+
+def test_comparator_reports_worst_element_and_both_values():
+    """compare() names the element furthest past |a-b| <= τ·rms(row) + τ·|b|, with both values."""
+    b = np.array([[1.0, -2.0, 3.0, 0.5], [0.1, 0.2, -0.1, 0.05]])
+    a = b.copy()
+    a[1, 2] += 0.01
+    c = compare(a, b, 1e-3)
+    rms = np.sqrt(np.mean(b[1] ** 2))
+    assert c.where == (1, 2) and c.candidate == a[1, 2] and c.reference == b[1, 2]
+    assert c.ratio == pytest.approx(0.01 / (1e-3 * (rms + 0.1)))
+    assert not c.ok and c.bad == 1 and c.max_abs == pytest.approx(0.01)
+    assert compare(b, b, 1e-9).ratio == 0 and compare(b, b, 1e-9).cos_min == pytest.approx(1.0)
+
+
+def test_comparator_row_and_tensor_scale():
+    """A row of near-zero values is judged against its own RMS (scale='row') or the whole tensor's."""
+    b = np.array([[10.0, -10.0, 10.0], [1e-3, -1e-3, 1e-3]])
+    a = b + np.array([[0, 0, 0], [1e-3, 0, 0]])
+    assert not compare(a, b, 1e-2, "row").ok
+    assert compare(a, b, 1e-2, "tensor").ok
+
+
+def test_every_table_entry_has_a_reason_and_grows_with_depth():
+    """One table: each precision and stage kind carries its reason; drift grows as √depth, local does not."""
+    for name, (u, u_acc, why) in PRECISIONS.items():
+        assert 0 < u_acc <= u and why
+    for kind, (c_local, c_drift, why) in STAGE_FACTORS.items():
+        assert 0 < c_local <= c_drift and why
+        assert tolerance(kind, "bfloat16", 16) == pytest.approx(4 * tolerance(kind, "bfloat16", 1))
+        assert tolerance(kind, "bfloat16", 16, local=True) == tolerance(kind, "bfloat16", 1, local=True)
+    assert TENSOR_SCALED <= set(STAGE_FACTORS)
+    assert tolerance("ffn_out", "bfloat16") > tolerance("ffn_out", "float16") > tolerance("ffn_out", "float32")
+
+
+# ---------------------------------------------------------------------------------------------
+# check() on edited copies of the reference
+
+
+def test_exact_copy_passes_and_every_stage_is_compared():
+    cfg, _, model = small_model()
+    trace = reference_trace(model, IDS)
+    report = chk.check(model, trace, "float64")
+    assert report.exit_code == 0 and report.first_divergence is None
+    assert [r.stage.name for r in report.stages] == [s.name for s in chk.stage_plan(cfg)]
+    assert all(r.status == "OK" for r in report.stages) and not report.missing
+    assert report.logits["same_top1"] == 1.0
+
+
+def test_first_divergence_names_layer_token_tensor_and_values():
+    """An error planted in attn_out.3 at token 4, feature 7 is the first divergence, and nothing before it."""
+    _, _, model = small_model()
+    trace = reference_trace(model, IDS)
+    trace["attn_out.3"] = trace["attn_out.3"].copy()
+    trace["attn_out.3"][4, 7] += 0.5
+    report = chk.check(model, trace, "float32")
+    first = report.first_divergence
+    assert report.exit_code == 1
+    assert (first.stage.name, first.stage.layer) == ("attn_out.3", 3)
+    assert first.worst.where == (4, 7)
+    assert first.worst.candidate == pytest.approx(first.worst.reference + 0.5)
+    assert all(r.status == "OK" for r in report.stages[:report.stages.index(first)])
+    assert all(r.status == "NOT COMPARED" for r in report.stages[report.stages.index(first) + 1:])
+    text = chk.format_report(report)
+    assert "first divergence: layer 3, attn_out.3, token 4, index 7" in text
+    assert text.splitlines()[-1] == "FAIL: first divergence at layer 3 (attn_out.3)"
+    assert "the layer computes wrong from its own inputs" in first.hint
+
+
+def test_inherited_error_is_told_apart_from_a_local_one():
+    """An error in hidden.0 that later stages inherit: the local check of the next layer passes."""
+    _, _, model = small_model()
+    ids = IDS
+    trace = reference_trace(model, ids)
+    bad = dict(trace)
+    noise = np.random.default_rng(0).standard_normal(trace["hidden.0"].shape)
+    bad["hidden.0"] = trace["hidden.0"] + 1e-2 * noise  # as if layer 0 had gone wrong
+    # the rest of the candidate is computed from that drifted state, correctly
+    bad.update({k: v for k, v in chk.layer_from_inputs(model, 1, bad["hidden.0"]).items()})
+    report = chk.check(model, bad, "float32", keep_going=True)
+    attn1 = next(r for r in report.stages if r.stage.name == "attn_out.1")
+    assert attn1.local.ok and not attn1.drift.ok
+    assert "accumulated before it" in attn1.hint
+
+
+def test_keep_going_judges_every_stage():
+    _, _, model = small_model()
+    trace = reference_trace(model, IDS)
+    trace["embeddings"] = trace["embeddings"] + 1.0
+    report = chk.check(model, trace, "float32", keep_going=True)
+    assert report.first_divergence.stage.name == "embeddings"
+    assert not any(r.status == "NOT COMPARED" for r in report.stages)
+
+
+def test_missing_tensors_are_listed_not_fatal():
+    cfg, _, model = small_model()
+    trace = reference_trace(model, IDS)
+    partial = {k: v for k, v in trace.items() if k in ("input_ids", "hidden.1", "hidden.3", "logits")}
+    report = chk.check(model, partial, "bfloat16")
+    assert report.exit_code == 0
+    assert "attn_out.0" in report.missing and "topk_ids.1" in report.missing and "hidden.1" not in report.missing
+    assert "missing from the candidate (not compared): embeddings, attn_out.{0,1,3}" in chk.format_report(report)
+
+
+def test_nan_in_candidate_is_a_mismatch_naming_the_tensor():
+    _, _, model = small_model()
+    trace = reference_trace(model, IDS)
+    trace["ffn_out.1"] = trace["ffn_out.1"].copy()
+    trace["ffn_out.1"][2, 5] = np.nan
+    report = chk.check(model, trace, "bfloat16")
+    first = report.first_divergence
+    assert first.stage.name == "ffn_out.1" and "non-finite" in first.message and "[2, 5]" in first.message
+    assert "first divergence: layer 1, ffn_out.1: 1 non-finite value(s)" in chk.format_report(report)
+
+
+def test_batch_axis_is_squeezed_and_wrong_shapes_are_reported():
+    _, _, model = small_model()
+    trace = reference_trace(model, IDS)
+    cand = {k: (v[None] if k != "input_ids" else v) for k, v in trace.items()}  # [1, T, ...] as backends dump
+    assert chk.check(model, cand, "float64").exit_code == 0
+    cand["hidden.2"] = cand["hidden.2"][:, :, :-1]
+    first = chk.check(model, cand, "float64").first_divergence
+    assert first.stage.name == "hidden.2" and "shape" in first.message
+
+
+def test_top_k_order_within_a_token_does_not_matter():
+    """A backend may list a token's experts in another order (torch.topk(sorted=False)): same set, same weights."""
+    _, _, model = small_model()
+    trace = reference_trace(model, IDS)
+    trace["topk_ids.1"] = trace["topk_ids.1"][:, ::-1].copy()
+    trace["topk_weights.1"] = trace["topk_weights.1"][:, ::-1].copy()
+    assert chk.check(model, trace, "float64").exit_code == 0
+
+
+def test_candidate_needs_input_ids_or_tokens():
+    _, _, model = small_model()
+    trace = reference_trace(model, IDS)
+    del trace["input_ids"]
+    with pytest.raises(d2m_ref.InputError, match="--tokens"):
+        chk.check(model, trace, "float32")
+    assert chk.check(model, trace, "float32", input_ids=IDS).exit_code == 0
+    with pytest.raises(d2m_ref.InputError, match="differ"):
+        chk.check(model, {**trace, "input_ids": IDS}, "float32", input_ids=IDS[::-1].copy())
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing
+
+
+def near_tie_model(seed: int = 0):
+    """Layer 1's routers for experts 2 and 3 are almost the same row: their logits differ by ~1e-5,
+    so every token sits on a near tie between them."""
+    cfg, arrays, _ = small_model(seed)
+    name = "model.layers.1.mlp.gate.weight"
+    router = arrays[name].copy()
+    router[3] = router[2] + 1e-5 * np.random.default_rng(seed).standard_normal(router.shape[1]).astype(np.float32)
+    arrays[name] = router
+    return cfg, model_from_arrays(cfg, arrays, "F32")
+
+
+def flipped_candidate(model, layer: int, ids: np.ndarray, want: tuple[int, int]):
+    """A float64 candidate that took the other expert of the pair `want` wherever the reference took one
+    of them: a perfect backend except for the route flips."""
+    ref = reference_trace(model, ids)
+    routes = ref[f"topk_ids.{layer}"].copy()
+    a, b = want
+    swapped = np.where(routes == a, b, np.where(routes == b, a, routes))
+    swapped = np.where(np.sort(swapped, 1)[:, :1] == np.sort(swapped, 1)[:, 1:2], routes, swapped)  # no duplicates
+    return ref, reference_trace(model, ids, {layer: swapped}), swapped
+
+
+def test_near_tie_flip_is_reported_and_replayed():
+    """Flips between two experts whose logits differ by ~1e-5 are near ties at bf16: FLIP, the reference
+    is recomputed with the candidate's routes, and every later stage then agrees."""
+    _, model = near_tie_model()
+    ref, cand, routes = flipped_candidate(model, 1, IDS, (2, 3))
+    assert np.any(routes != ref["topk_ids.1"])
+    report = chk.check(model, cand, "bfloat16")
+    topk = next(r for r in report.stages if r.stage.name == "topk_ids.1")
+    assert topk.status == "FLIP" and all(f["near_tie"] for f in topk.flips) and report.exit_code == 0
+    assert report.forced_layers == [1]
+    assert "near-tie route flip(s) in layer(s) 1 replayed" in report.verdict()
+    after = [r for r in report.stages[report.stages.index(topk) + 1:] if r.drift is not None]
+    assert max(r.drift.ratio for r in after) < 1e-6  # the candidate is exact once its routes are replayed
+
+
+def test_flip_is_replayed_from_router_logits_when_topk_ids_are_missing():
+    _, model = near_tie_model()
+    _, cand, routes = flipped_candidate(model, 1, IDS, (2, 3))
+    cand = dict(cand)
+    del cand["topk_ids.1"]
+    cand["router_logits.1"] = cand["router_logits.1"].copy()
+    # the candidate's own logits (within bf16 error of the reference's) explain its choice
+    for t in range(len(IDS)):
+        hi, lo = (2, 3) if 2 in routes[t] else (3, 2)
+        cand["router_logits.1"][t, hi] = max(cand["router_logits.1"][t, hi], cand["router_logits.1"][t, lo]) + 1e-6
+    report = chk.check(model, cand, "bfloat16")
+    topk = next(r for r in report.stages if r.stage.name == "topk_ids.1")
+    assert topk.status == "FLIP" and "inferred from the candidate's router_logits" in topk.message
+    assert report.exit_code == 0
+
+
+def test_flip_beyond_the_margin_is_a_routing_error():
+    """The same swap on an ordinary router (margins O(1)) is no near tie for a float32 candidate."""
+    _, _, model = small_model()
+    ref, cand, routes = flipped_candidate(model, 1, IDS, (0, 1))
+    assert np.any(routes != ref["topk_ids.1"])
+    report = chk.check(model, cand, "float32")
+    first = report.first_divergence
+    assert first.stage.name == "topk_ids.1" and "routing error" in first.message
+    assert not all(f["near_tie"] for f in first.flips)
+
+
+def test_without_routes_a_flip_shows_as_an_ffn_mismatch():
+    """A candidate that dumps neither topk_ids nor router_logits: the checker cannot replay its flip,
+    and says so (the stage is MISSING with a note) before the FFN mismatch it causes."""
+    _, model = near_tie_model()
+    _, cand, _ = flipped_candidate(model, 1, IDS, (2, 3))
+    cand = {k: v for k, v in cand.items() if not k.startswith(("topk_ids", "router_logits", "router_scores",
+                                                                 "topk_weights"))}
+    report = chk.check(model, cand, "bfloat16")
+    assert report.first_divergence.stage.name == "ffn_out.1"
+    topk = next(r for r in report.stages if r.stage.name == "topk_ids.1")
+    assert topk.status == "MISSING" and "routes unknown" in topk.message
+
+
+def test_malformed_routes_are_a_mismatch():
+    _, _, model = small_model()
+    trace = reference_trace(model, IDS)
+    trace["topk_ids.1"] = trace["topk_ids.1"].copy()
+    trace["topk_ids.1"][0] = [1, 1]
+    assert "same expert twice" in chk.check(model, trace, "float32").first_divergence.message
+    trace["topk_ids.1"][0] = [1, 9]
+    assert "outside" in chk.check(model, trace, "float32").first_divergence.message
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    cfg = d2m_ref.parse_config(dense2moe_config(PLAN))
+    (d / "config.json").write_text(json.dumps(dense2moe_config(PLAN)))
+    write_checkpoint(cfg, d / "model.safetensors", seed=3, storage="BF16")
+    model = d2m_ref.load_model(d)
+    trace = reference_trace(model, IDS)
+    model.close()
+    return d, trace
+
+
+def run_cli(*argv) -> int:
+    return chk.main([str(a) for a in argv])
+
+
+def test_cli_pass_and_json(checkpoint, tmp_path, capsys):
+    d, trace = checkpoint
+    cand = tmp_path / "cand.safetensors"
+    save(cand, {k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in trace.items()})
+    assert run_cli("--weights", d, "--candidate", cand, "--json", tmp_path / "r.json") == 0
+    out = capsys.readouterr().out
+    assert "candidate precision float32 inferred" in out and out.strip().splitlines()[-1].startswith("PASS")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verdict"] == "PASS" and report["exit_code"] == 0 and report["precision"] == "float32"
+    assert {s["stage"] for s in report["stages"]} >= {"embeddings", "topk_ids.1", "logits"}
+
+
+def test_cli_mismatch_exit_1_with_map(checkpoint, tmp_path, capsys):
+    """A backend's own names, renamed with --map (a '{i}' pattern covers every layer)."""
+    d, trace = checkpoint
+    names = {"hidden.0": "/model/layers.0/Add_1_output_0", "hidden.3": "/model/layers.3/Add_1_output_0",
+             "logits": "logits_out", "input_ids": "input_ids"}
+    arrays = {names[k]: v.astype(np.float16) if v.dtype.kind == "f" else v for k, v in trace.items() if k in names}
+    arrays["logits_out"] = arrays["logits_out"] * np.float16(1.2)
+    np.savez(tmp_path / "out.npz", **arrays)
+    (tmp_path / "map.json").write_text(json.dumps({"/model/layers.{i}/Add_1_output_0": "hidden.{i}",
+                                                   "logits_out": "logits"}))
+    code = run_cli("--weights", d, "--candidate", tmp_path / "out.npz", "--map", tmp_path / "map.json", "--quiet",
+                   "--json", tmp_path / "r.json")
+    out = capsys.readouterr().out
+    assert code == 1 and "first divergence: after the layers, logits" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["first_divergence"]["tensor"] == "logits" and report["verdict"] == "FAIL"
+    assert [s["stage"] for s in report["stages"] if s["status"] == "OK"] == ["hidden.0", "hidden.3"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--candidate", "{tmp}/nope.safetensors"], "no such file"),
+    (["--candidate", "{tmp}/x.txt"], "unknown candidate format"),
+    (["--candidate", "{tmp}/noids.npz"], "--tokens"),
+    (["--candidate", "{tmp}/noids.npz", "--tokens", "1,2"], "sequence|differ|shape|no trace|none of"),
+    (["--candidate", "{tmp}/strange.npz", "--candidate-dtype", "float16"], "none of its tensors"),
+    (["--candidate", "{tmp}/noids.npz", "--map", "{tmp}/bad.json"], "name map"),
+    (["--candidate", "{tmp}/pg.json"], "not a Polygraphy RunResults"),
+])
+def test_cli_bad_input_exit_2_names_the_culprit(checkpoint, tmp_path, capsys, args, message):
+    d, trace = checkpoint
+    (tmp_path / "x.txt").write_text("hello")
+    np.savez(tmp_path / "noids.npz", **{"hidden.0": trace["hidden.0"].astype(np.float32)})
+    np.savez(tmp_path / "strange.npz", input_ids=IDS, foo=np.zeros(3, np.float16))
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    (tmp_path / "pg.json").write_text('{"hello": 1}')
+    code = run_cli("--weights", d, *[a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err
+    import re
+    assert re.search(message, err), err
+
+
+def test_cli_unknown_golden_case_lists_the_cases(capsys):
+    assert run_cli("--golden", "no_such_case", "--candidate", "x.safetensors") == 2
+    assert "cases: " in capsys.readouterr().err
