@@ -1,15 +1,19 @@
-"""The kernel interface: the two products the forward pass delegates, `linear` and `expert`.
+"""The kernel interface: the products the forward pass delegates, `linear`, `expert` and
+`experts_topk`.
 
 This is the seam for the C kernels (the expert GEMV of decode): a kernel set takes activations in
 the compute dtype and a weight in its storage format, and returns activations in the compute
 dtype.  `NumpyKernels` is the reference: it converts the weight (a block of rows at a time for
 big matrices, spec §6) to the compute dtype, multiplies with NumPy, and drops the converted copy.
+`CKernels` (d2m_ref/ckernels.py, spec/kernels.md) runs float32 compute on the C extension;
+`kernels_for("c" | "numpy")` picks one.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .errors import InputError
 from .ops import swiglu
 from .weights import MLPWeights, Param
 
@@ -17,6 +21,11 @@ from .weights import MLPWeights, Param
 # is 2.5 GB in float64) are done in row blocks.  The split depends only on the matrix shape and
 # dtype, so results do not depend on how the weights are stored.
 BLOCK_BYTES = 128 * 2**20
+# With few tokens (decode) the product is cheap and converting the weight is the work: converting a
+# cache-sized block of rows and using it at once is about 4x faster than converting the whole
+# matrix to memory and reading it back.  Which split is used depends only on the shapes and dtype.
+DECODE_TOKENS = 16
+DECODE_BLOCK_BYTES = 2**20
 
 
 class NumpyKernels:
@@ -30,7 +39,10 @@ class NumpyKernels:
     def linear(self, x: np.ndarray, w: Param) -> np.ndarray:
         """[T, C], weight [R, C] -> [T, R]: x·Wᵀ."""
         rows, cols = w.shape
-        per_block = max(1, self.block_bytes // (cols * x.dtype.itemsize))
+        budget = self.block_bytes
+        if x.shape[0] <= DECODE_TOKENS:
+            budget = min(budget, DECODE_BLOCK_BYTES)
+        per_block = max(1, budget // (cols * x.dtype.itemsize))
         if rows <= per_block:
             return x @ w.load(x.dtype).T
         out = np.empty((x.shape[0], rows), dtype=x.dtype)
@@ -43,7 +55,46 @@ class NumpyKernels:
         """[T, H] -> [T, H]: down(silu(gate·x) ⊙ up·x), spec §4.1."""
         return self.linear(swiglu(self.linear(x, w.gate), self.linear(x, w.up)), w.down)
 
+    def experts_topk(self, x: np.ndarray, experts, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
+        """[T, H], E experts, [T, K], [T, K] -> [T, H]: Σ_k topk_weights[t, k] · expert_{topk_ids[t, k]}(x[t]),
+        the routed part of spec §4.2 step 5."""
+        return experts_topk_loop(self, x, experts, topk_ids, topk_weights)
+
+
+def experts_topk_loop(kernels, x: np.ndarray, experts, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
+    """The reference order of the routed sum: experts in increasing id, each on the tokens that chose
+    it, y[tokens] += weight · expert(x[tokens]) starting from zeros (what d2m_ref.model.moe does)."""
+    y = np.zeros_like(x)
+    for e in np.unique(topk_ids):
+        tokens, slots = np.nonzero(topk_ids == e)  # a token picks an expert at most once
+        y[tokens] += topk_weights[tokens, slots][:, None] * kernels.expert(x[tokens], experts[e])
+    return y
+
 
 def default_kernels() -> NumpyKernels:
     """The kernel set used when none is given."""
     return NumpyKernels()
+
+
+KERNEL_NAMES = ("c", "numpy")
+
+
+def c_kernels_available() -> bool:
+    """Whether the C extension was built (d2m_ref.ckernels)."""
+    from . import ckernels
+    return ckernels.available()
+
+
+def kernels_for(name: str, **options):
+    """'numpy' -> NumpyKernels(); 'c' -> CKernels(**options) (path=, threads=, max_tokens=), or,
+    when the C extension is not built, NumpyKernels with one warning saying so.  CKernels computes
+    float32 only: in float64 (the oracle mode) it hands every call to the NumPy reference."""
+    if name == "numpy":
+        return NumpyKernels()
+    if name == "c":
+        from . import ckernels
+        if not ckernels.available():
+            ckernels.warn_once("unavailable", ckernels.unavailable_reason())
+            return NumpyKernels()
+        return ckernels.CKernels(**options)
+    raise InputError(f"kernels {name!r}: choose one of {', '.join(KERNEL_NAMES)}")

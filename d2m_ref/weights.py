@@ -3,7 +3,8 @@
 Implements spec/format.md §1 (checkpoint tensor names).  Every tensor stays in its storage format
 (memory-mapped safetensors, or an in-memory array) until an op asks for it in the compute dtype:
 `Param.load(dtype)` converts that one matrix, the caller drops it after use, so no full-precision
-copy of the model ever exists (spec/architecture.md §6, streaming).
+copy of the model ever exists (spec/architecture.md §6, streaming).  Quantised weights (storage
+Q8 / Q4G{32,64,128}, spec/quant.md) keep both parts mapped and dequantise the same way.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from . import quant
 from .config import LayerSpec, ModelConfig, MoESpec, load_config, parse_config, parse_json
 from .errors import ConfigError, WeightsError
-from .safetensors_io import Checkpoint, to_float
+from .safetensors_io import DTYPES, Checkpoint, to_float
 
 FLOAT_STORAGE = ("F64", "F32", "F16", "BF16")
-_NUMPY_STORAGE = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+_NUMPY_STORAGE = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                  np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8"}  # I8 / U8: parts of quantised weights
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,27 +31,43 @@ class Param:
 
     `raw()` gives the storage array (BF16 as uint16 bits) without copying; `load(dtype)` converts
     all of it, `rows(lo, hi, dtype)` a block of rows, `take(ids, dtype)` chosen rows (embedding).
+    Quantised (storage Q8 or Q4G{G}, spec/quant.md): `raw()` is the int8 / packed uint8 tensor,
+    `scales()` its scales, and the three converters dequantise (d2m_ref.quant.dequantize).
     """
 
     name: str
-    storage: str  # safetensors dtype string: F64 | F32 | F16 | BF16
+    storage: str  # safetensors dtype string F64 | F32 | F16 | BF16, or Q8 | Q4G32 | Q4G64 | Q4G128
     shape: tuple[int, ...]
     _raw: Callable[[], np.ndarray]
+    _scales: Callable[[], np.ndarray] | None = None  # quantised storage only
 
     def raw(self) -> np.ndarray:
         return self._raw()
 
+    def scales(self) -> np.ndarray:
+        if self._scales is None:
+            raise WeightsError(f"{self.name}: storage {self.storage} has no scales")
+        return self._scales()
+
     def load(self, dtype: np.dtype) -> np.ndarray:
+        if self._scales is not None:
+            return quant.dequantize(self.storage, self._raw(), self._scales(), self.shape[-1], dtype)
         return to_float(self._raw(), self.storage, dtype)
 
     def rows(self, lo: int, hi: int, dtype: np.dtype) -> np.ndarray:
+        if self._scales is not None:
+            return quant.dequantize(self.storage, self._raw()[lo:hi], self._scales()[lo:hi], self.shape[-1], dtype)
         return to_float(self._raw()[lo:hi], self.storage, dtype)
 
     def take(self, ids: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        if self._scales is not None:
+            return quant.dequantize(self.storage, self._raw()[ids], self._scales()[ids], self.shape[-1], dtype)
         return to_float(self._raw()[ids], self.storage, dtype)
 
     @property
     def nbytes(self) -> int:
+        if self._scales is not None:
+            return quant.storage_nbytes(self.storage, self.shape)
         return int(np.prod(self.shape)) * (8 if self.storage == "F64" else 4 if self.storage == "F32" else 2)
 
     @staticmethod
@@ -60,6 +79,20 @@ class Param:
             raise WeightsError(f"{name}: cannot hold a {array.dtype} array as a weight")
         array.setflags(write=False)
         return Param(name, storage, tuple(array.shape), lambda: array)
+
+    @staticmethod
+    def quantized(name: str, storage: str, shape: tuple[int, int], q: np.ndarray, scales: np.ndarray) -> "Param":
+        """An in-memory quantised Param from its two parts (d2m_ref.quant.quantize's output)."""
+        if not quant.is_quantized(storage):
+            raise WeightsError(f"{name}: {storage!r} is not a quantised storage ({', '.join(quant.STORAGE)})")
+        (qdt, qshape), (sdt, sshape) = quant.part_specs(storage, tuple(shape))
+        q, scales = np.ascontiguousarray(q), np.ascontiguousarray(scales)
+        for part, arr, dt, want in (("values", q, qdt, qshape), ("scales", scales, sdt, sshape)):
+            if arr.dtype != DTYPES[dt] or arr.shape != want:
+                raise WeightsError(f"{name}: {storage} {part} must be {dt} {list(want)}, found {arr.dtype} "
+                                   f"{list(arr.shape)}")
+            arr.setflags(write=False)
+        return Param(name, storage, tuple(shape), lambda: q, lambda: scales)
 
 
 @dataclass(frozen=True)
@@ -163,12 +196,41 @@ class _Binder:
         candidates = (candidates,) if isinstance(candidates, str) else candidates
         name = self.first(candidates)
         if name is None:
+            quantized = self._quantized(candidates, shape)
+            if quantized is not None:
+                return quantized
             raise WeightsError(f"{self.where}: missing tensor '{candidates[0]}' (shape {list(shape)})"
                                + (f"; also looked for {', '.join(candidates[1:])}" if len(candidates) > 1 else ""))
         dt = self._check(name, shape)
         self.taken.add(name)
         raw = self.raw_of
         return Param(name, dt, tuple(shape), lambda: raw(name))
+
+    def _quantized(self, candidates: tuple[str, ...], shape: tuple[int, ...]) -> Param | None:
+        """A weight stored quantised (spec/quant.md §4): 'X.weight.q8' + 'X.weight.q8.scale', or
+        'X.weight.q4g{G}' + '.scale', checked for dtype and shape."""
+        hits = [(c, st) for c in candidates for st in quant.STORAGE if quant.part_names(c, st)[0] in self.available]
+        if not hits:
+            return None
+        if len(hits) > 1:
+            a, b = (quant.part_names(c, st)[0] for c, st in hits[:2])
+            raise WeightsError(f"{self.where}: both '{a}' and '{b}' are present; they name the same weight, keep one")
+        name, storage = hits[0]
+        if len(shape) != 2:
+            raise WeightsError(f"{self.where}: '{quant.part_names(name, storage)[0]}' quantises '{name}', "
+                               f"a {len(shape)}-D tensor; only matrices are quantised")
+        for tensor, (dt, want) in zip(quant.part_names(name, storage), quant.part_specs(storage, tuple(shape))):
+            if tensor not in self.available:
+                raise WeightsError(f"{self.where}: missing tensor '{tensor}' ({dt} {list(want)}), the other half "
+                                   f"of the {storage} weight '{name}'")
+            found_dt, found = self.storage(tensor), tuple(self.shape(tensor))
+            if found_dt != dt or found != want:
+                raise WeightsError(f"{self.where}: tensor '{tensor}' is {found_dt} {list(found)}; a {storage} "
+                                   f"weight of shape {list(shape)} needs {dt} {list(want)} (spec/quant.md)")
+            self.taken.add(tensor)
+        q_name, s_name = quant.part_names(name, storage)
+        raw = self.raw_of
+        return Param(name, storage, tuple(shape), lambda: raw(q_name), lambda: raw(s_name))
 
     def maybe(self, candidates: str | tuple[str, ...], shape: tuple[int, ...], wanted: bool) -> Param | None:
         """Present iff `wanted`; a tensor the config does not call for is an error, not ignored."""
@@ -373,6 +435,7 @@ def load_model(weights: str | Path, config: str | Path | None = None) -> Model:
     path = Path(weights)
     ckpt = Checkpoint.open(path)
     try:
+        quant.check_metadata(ckpt.metadata, str(path))
         cfg = _find_config(ckpt, path, config)
         w = bind_weights(cfg, ckpt.names(), ckpt.dtype, ckpt.shape, ckpt.raw, str(path))
     except BaseException:

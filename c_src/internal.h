@@ -1,0 +1,169 @@
+/* Internal declarations shared by the C kernel units: the activation a dot product reads, the
+ * per-path table of row kernels, the thread pool.  Nothing here is part of the public API. */
+#ifndef D2M_INTERNAL_H
+#define D2M_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "d2m_kernels.h"
+
+/* One token's activation as the row kernels read it: the float vector, and for the integer
+ * formats its quantised form (spec/kernels.md §3): q [nblk*32] zero padded, d [nblk]. */
+typedef struct d2m_act {
+    const float *x;
+    const int8_t *q;
+    const float *d;
+    const int16_t *pairs8;  /* [nblk*16]: 8 * (q[2i] + q[2i+1]), the Q4 offset of each column pair */
+} d2m_act;
+
+/* out[i] = dot(W[r0 + i], x) for the rows [r0, r1) of one format: the unit every path implements
+ * (one function call for many rows keeps per-row overhead out of short rows).  Each row's dot is
+ * computed the same way wherever the range starts, so results never depend on how rows are split.
+ * Sizes were checked by the caller (gemv.c); a kernel never fails. */
+typedef void (*d2m_dot_fn)(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+
+/* Sum modulo 2^64 of the 64-bit words of [p, p + n) (n a multiple of 8 words), read as fast as the
+ * path can. */
+typedef uint64_t (*d2m_stream_fn)(const uint64_t *p, size_t n);
+
+typedef struct d2m_path {
+    const char *name;
+    int (*supported)(void);     /* compiled without special flags: safe to call on any CPU */
+    d2m_dot_fn dot[5];          /* indexed by D2M_F32 ... D2M_Q4G */
+    d2m_stream_fn stream;
+} d2m_path;
+
+struct d2m_pool;
+
+struct d2m_ctx {
+    const d2m_path *path;
+    struct d2m_pool *pool;      /* NULL when threads == 1 */
+    int threads;
+    size_t parallel_min_bytes;  /* d2m_ctx_tune */
+    size_t chunk_bytes;
+};
+
+#define D2M_DEFAULT_PARALLEL_MIN_BYTES ((size_t)1 << 20)
+#define D2M_DEFAULT_CHUNK_BYTES ((size_t)1 << 16)
+
+/* ---- scalar reference row kernels (gemv_f32.c ... gemv_q4.c) ---- */
+void d2m_dot_f32_scalar(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+void d2m_dot_f16_scalar(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+void d2m_dot_bf16_scalar(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+void d2m_dot_q8_scalar(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+void d2m_dot_q4g_scalar(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+uint64_t d2m_stream_scalar(const uint64_t *p, size_t n);
+
+/* ---- SIMD units, each compiled with its own -march (simd_*.c) ---- */
+#ifdef D2M_HAVE_AVX2
+void d2m_dot_f32_avx2(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+void d2m_dot_f16_avx2(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+void d2m_dot_bf16_avx2(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+void d2m_dot_q8_avx2(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+void d2m_dot_q4g_avx2(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+uint64_t d2m_stream_avx2(const uint64_t *p, size_t n);
+#endif
+#ifdef D2M_HAVE_NEON
+void d2m_dot_f32_neon(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+void d2m_dot_f16_neon(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+void d2m_dot_bf16_neon(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+void d2m_dot_q8_neon(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+void d2m_dot_q4g_neon(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+uint64_t d2m_stream_neon(const uint64_t *p, size_t n);
+#endif
+#ifdef D2M_HAVE_DOTPROD
+void d2m_dot_q8_dotprod(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+void d2m_dot_q4g_dotprod(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+#endif
+
+/* ---- dispatch.c ---- */
+const d2m_path *d2m_find_path(const char *name, int *status);
+
+/* ---- quant_act.c ---- */
+int d2m_act_blocks(int cols);   /* ceil(cols / 32) */
+void d2m_quantize_act_row(int8_t *xq, float *xd, const float *x, int cols);
+/* pairs8[i] = 8 * (xq[2i] + xq[2i+1]) for the nblk*16 column pairs of a quantised row */
+void d2m_act_pairs8(int16_t *pairs8, const int8_t *xq, int cols);
+
+/* ---- gemv.c: checks and helpers shared by the entry points ---- */
+/* The activations of n_tok tokens: x [n_tok][ldx]; quantised q [n_tok][ldq], d [n_tok][ldd]. */
+typedef struct d2m_acts {
+    const float *x;
+    const int8_t *q;
+    const float *d;
+    const int16_t *pairs8;
+    int ldx, ldq, ldd, ldp, n_tok;
+} d2m_acts;
+
+int d2m_check_matrix(const d2m_matrix *w);
+int d2m_is_quantized(int format);
+void *d2m_align64(void *p);
+/* scratch bytes of the quantised activations of n_tok tokens of `cols` features */
+size_t d2m_acts_bytes(int cols, int n_tok);
+/* Fill acts for x [n_tok][cols]; quantize: quantise into *scratch (64-aligned) and advance it. */
+void d2m_acts_prepare(d2m_acts *acts, const float *x, int cols, int n_tok, int quantize, void **scratch);
+/* y[t*ldy + r] = (accumulate ? y : 0) + alpha_t * dot(W[r], x_t) for rows [r0, r1), every token;
+ * alpha_t = alphas[t], or alpha when alphas is NULL.  The one place a dot becomes an output. */
+void d2m_rows(float *y, int ldy, const d2m_matrix *w, d2m_dot_fn dot, int r0, int r1,
+              const d2m_acts *acts, float alpha, const float *alphas, int accumulate);
+/* rows per parallel chunk, so that a chunk reads about ctx->chunk_bytes of weights */
+int d2m_chunk_rows(const d2m_ctx *ctx, const d2m_matrix *w);
+size_t d2m_matrix_bytes(const d2m_matrix *w);
+
+/* ---- threads.c ---- */
+typedef void (*d2m_task_fn)(void *arg, int chunk);
+int d2m_pool_create(struct d2m_pool **out, int threads);
+void d2m_pool_destroy(struct d2m_pool *pool);
+/* Run fn(arg, c) for every c < n_chunks, on the pool's threads and the caller; returns when all
+ * are done.  pool NULL or small work: the caller runs them in order. */
+void d2m_pool_run(struct d2m_pool *pool, d2m_task_fn fn, void *arg, int n_chunks);
+/* d2m_pool_run on the context's pool when the job is big enough to pay for it, else in order on
+ * the calling thread (gemv.c) */
+void d2m_run(d2m_ctx *ctx, d2m_task_fn fn, void *arg, int n_chunks, size_t work_bytes);
+
+/* ---- conversions shared by every path (portable C, exact) ---- */
+static inline float d2m_bits_to_f32(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* IEEE binary16 -> binary32, exact (subnormals, infinities; NaNs stay NaN, made quiet as the
+ * hardware conversions do). */
+static inline float d2m_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exponent = (h >> 10) & 0x1fu;
+    uint32_t mantissa = h & 0x3ffu;
+    if (exponent == 0) {
+        /* zero or subnormal: mantissa * 2^-24, exact in float32 */
+        float v = (float)mantissa * 5.9604644775390625e-08f;
+        return sign ? -v : v;
+    }
+    if (exponent == 31)
+        return d2m_bits_to_f32(sign | 0x7f800000u | (mantissa << 13) | (mantissa ? 0x00400000u : 0));
+    return d2m_bits_to_f32(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+static inline float d2m_bf16_to_f32(uint16_t b) {
+    return d2m_bits_to_f32((uint32_t)b << 16);
+}
+
+/* Exact sum of n int8 products: the Q8 arithmetic of the scalar reference, and every path's
+ * partial last block. */
+static inline int32_t d2m_isum_i8(const int8_t *a, const int8_t *b, int n) {
+    int32_t sum = 0;
+    for (int i = 0; i < n; i++)
+        sum += (int32_t)a[i] * (int32_t)b[i];
+    return sum;
+}
+
+/* A path's row-range kernel from its per-row function: out[i] = ROW(w, r0 + i, x). */
+#define D2M_RANGE(NAME, ROW)                                                                      \
+    void NAME(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x) {              \
+        for (int r = r0; r < r1; r++)                                                           \
+            out[r - r0] = ROW(w, r, x);                                                         \
+    }
+
+#endif /* D2M_INTERNAL_H */

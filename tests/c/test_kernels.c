@@ -1,0 +1,345 @@
+/* C-level test driver for the kernels: built by .ci/sanitize.sh with ASan + UBSan and by
+ * .ci/aarch64.sh for emulated aarch64, linked with every c_src unit of the target.
+ *
+ * For every path this CPU supports, random cases over every format, odd shapes, token counts and
+ * thread counts check that:
+ *   - each path is within gamma(C+4) * sum |w^||x^| of the exact dot product (spec/kernels.md §4),
+ *     and bit-identical across thread counts;
+ *   - y += a.W.x is y + a*(W.x); the top-k call equals k single expert calls bit for bit;
+ *   - every entry point refuses NULL pointers, bad sizes, formats and short scratch with a status.
+ * Prints one line per failure and closes with "N passed, M failed"; exit status 1 on any failure.
+ * Usage: test_kernels [cases per path]   (default 300) */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../c_src/internal.h"
+
+static int passed, failed;
+
+#define CHECK(cond, ...)                                                     \
+    do {                                                                     \
+        if (cond) {                                                          \
+            passed++;                                                        \
+        } else {                                                             \
+            failed++;                                                        \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);                      \
+            printf(__VA_ARGS__);                                             \
+            printf("\n");                                                    \
+        }                                                                    \
+    } while (0)
+
+/* ---- deterministic random numbers (xorshift64*) ---- */
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint64_t next_u64(void) {
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 2685821657736338717ull;
+}
+static int uniform_int(int lo, int hi) { /* [lo, hi] */
+    return lo + (int)(next_u64() % (uint64_t)(hi - lo + 1));
+}
+static float uniform(void) { /* [-1, 1) */
+    return (float)((double)(next_u64() >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+}
+
+static uint16_t f32_to_f16_bits(float f) { /* round to nearest even; test values are small and normal */
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    int exponent = (int)((x >> 23) & 0xff) - 127 + 15;
+    uint32_t mantissa = x & 0x7fffffu;
+    if (exponent <= 0)
+        return (uint16_t)sign;
+    uint32_t h = sign | ((uint32_t)exponent << 10) | (mantissa >> 13);
+    const uint32_t rest = mantissa & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u)))
+        h++;
+    return (uint16_t)h;
+}
+
+/* ---- a random weight matrix of any format, and its exact values ---- */
+typedef struct weight {
+    d2m_matrix m;
+    void *data, *scales;
+    double *exact; /* [rows][cols]: the dequantised value of every weight */
+} weight;
+
+static void make_weight(weight *w, int format, int rows, int cols) {
+    const size_t n = (size_t)rows * (size_t)cols;
+    const int nblk = d2m_act_blocks(cols);
+    const int groups[3] = {32, 64, 128};
+    const int group = format == D2M_Q4G ? groups[uniform_int(0, 2)] : 0;
+    const int ngroups = group ? (cols + group - 1) / group : 0;
+    memset(w, 0, sizeof *w);
+    w->exact = (double *)calloc(n, sizeof(double));
+    switch (format) {
+    case D2M_F32: {
+        float *d = (float *)malloc(n * 4);
+        for (size_t i = 0; i < n; i++)
+            w->exact[i] = d[i] = uniform();
+        w->data = d;
+        break;
+    }
+    case D2M_F16:
+    case D2M_BF16: {
+        uint16_t *d = (uint16_t *)malloc(n * 2);
+        for (size_t i = 0; i < n; i++) {
+            const float v = uniform();
+            uint32_t bits;
+            memcpy(&bits, &v, 4);
+            d[i] = format == D2M_F16 ? f32_to_f16_bits(v) : (uint16_t)(bits >> 16);
+            w->exact[i] = format == D2M_F16 ? d2m_f16_to_f32(d[i]) : d2m_bf16_to_f32(d[i]);
+        }
+        w->data = d;
+        break;
+    }
+    case D2M_Q8: {
+        int8_t *q = (int8_t *)malloc(n);
+        float *s = (float *)malloc((size_t)rows * 4);
+        for (int r = 0; r < rows; r++) {
+            s[r] = 0.001f + 0.05f * fabsf(uniform());
+            for (int c = 0; c < cols; c++) {
+                q[(size_t)r * cols + c] = (int8_t)uniform_int(-128, 127);
+                w->exact[(size_t)r * cols + c] = (double)q[(size_t)r * cols + c] * s[r];
+            }
+        }
+        w->data = q;
+        w->scales = s;
+        break;
+    }
+    default: {
+        uint8_t *p = (uint8_t *)malloc((size_t)rows * nblk * 16);
+        uint16_t *s = (uint16_t *)malloc((size_t)rows * ngroups * 2);
+        for (size_t i = 0; i < (size_t)rows * nblk * 16; i++)
+            p[i] = (uint8_t)next_u64();
+        for (size_t i = 0; i < (size_t)rows * ngroups; i++)
+            s[i] = f32_to_f16_bits(0.001f + 0.05f * fabsf(uniform()));
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < cols; c++) {
+                const uint8_t byte = p[((size_t)r * nblk + c / 32) * 16 + (c % 32) % 16];
+                const int nibble = (c % 32) < 16 ? byte & 15 : byte >> 4;
+                w->exact[(size_t)r * cols + c] = (nibble - 8) * (double)d2m_f16_to_f32(s[(size_t)r * ngroups + c / group]);
+            }
+        w->data = p;
+        w->scales = s;
+    }
+    }
+    w->m.format = format;
+    w->m.rows = rows;
+    w->m.cols = cols;
+    w->m.group = group;
+    w->m.data = w->data;
+    w->m.scales = w->scales;
+}
+
+static void free_weight(weight *w) {
+    free(w->data);
+    free(w->scales);
+    free(w->exact);
+}
+
+static d2m_ctx *context(const char *path, int threads) {
+    d2m_ctx *ctx = NULL;
+    if (d2m_ctx_create(&ctx, path, threads) != D2M_OK)
+        return NULL;
+    d2m_ctx_tune(ctx, 0, 1); /* one row per chunk, no minimum: tiny matrices use every thread */
+    return ctx;
+}
+
+static void *scratch_for(size_t n) {
+    return malloc(n ? n : 1);
+}
+
+/* x^: x itself, or its quantised form d * q for the integer formats */
+static void effective_input(double *xhat, const float *x, int cols, int quantized) {
+    if (!quantized) {
+        for (int c = 0; c < cols; c++)
+            xhat[c] = x[c];
+        return;
+    }
+    const int nblk = d2m_act_blocks(cols);
+    int8_t *q = (int8_t *)malloc((size_t)nblk * 32);
+    float *d = (float *)malloc((size_t)nblk * 4);
+    d2m_quantize_act(q, d, x, cols);
+    for (int c = 0; c < cols; c++)
+        xhat[c] = (double)d[c / 32] * q[c];
+    free(q);
+    free(d);
+}
+
+static int gemv(d2m_ctx *ctx, float *y, const d2m_matrix *m, const float *x, int n_tok, float alpha, int acc) {
+    const size_t need = d2m_gemv_scratch_bytes(m, n_tok);
+    void *scratch = scratch_for(need);
+    const int status = d2m_gemv(y, m, x, n_tok, alpha, acc, scratch, need, ctx);
+    free(scratch);
+    return status;
+}
+
+/* ---- the GEMV cases ---- */
+static void gemv_case(const char *path) {
+    const int format = uniform_int(0, 4);
+    const int rows = uniform_int(1, 50), cols = uniform_int(1, 300), n_tok = uniform_int(1, 3);
+    const int threads = uniform_int(2, 4);
+    weight w;
+    make_weight(&w, format, rows, cols);
+    float *x = (float *)malloc((size_t)n_tok * cols * 4);
+    for (int i = 0; i < n_tok * cols; i++)
+        x[i] = uniform() * 4.0f;
+    float *y1 = (float *)calloc((size_t)n_tok * rows, 4), *yt = (float *)calloc((size_t)n_tok * rows, 4);
+    float *ya = (float *)malloc((size_t)n_tok * rows * 4);
+    d2m_ctx *one = context(path, 1), *many = context(path, threads);
+    CHECK(one && many, "context for path %s", path);
+    CHECK(gemv(one, y1, &w.m, x, n_tok, 1.0f, 0) == D2M_OK, "gemv status");
+    CHECK(gemv(many, yt, &w.m, x, n_tok, 1.0f, 0) == D2M_OK, "gemv status, %d threads", threads);
+    CHECK(memcmp(y1, yt, (size_t)n_tok * rows * 4) == 0, "%s format %d %dx%d: %d threads differ from 1",
+          path, format, rows, cols, threads);
+    double *xhat = (double *)malloc((size_t)cols * sizeof(double));
+    const double u = ldexp(1.0, -24), gamma = (cols + 4) * u / (1 - (cols + 4) * u);
+    for (int t = 0; t < n_tok; t++) {
+        effective_input(xhat, x + (size_t)t * cols, cols, d2m_is_quantized(format));
+        for (int r = 0; r < rows; r++) {
+            double exact = 0, size = 0;
+            for (int c = 0; c < cols; c++) {
+                exact += w.exact[(size_t)r * cols + c] * xhat[c];
+                size += fabs(w.exact[(size_t)r * cols + c] * xhat[c]);
+            }
+            const double err = fabs(y1[(size_t)t * rows + r] - exact);
+            if (!(err <= gamma * size * (1 + 1e-9) + 1e-300)) {
+                CHECK(0, "%s format %d %dx%d row %d: |y - exact| = %g > bound %g", path, format, rows, cols, r,
+                      err, gamma * size);
+                t = n_tok;
+                break;
+            }
+        }
+    }
+    passed++;
+    /* y += alpha W x  ==  y + alpha * (W x) */
+    for (int i = 0; i < n_tok * rows; i++)
+        ya[i] = uniform();
+    float *expect = (float *)malloc((size_t)n_tok * rows * 4);
+    for (int i = 0; i < n_tok * rows; i++)
+        expect[i] = ya[i] + -0.75f * y1[i];
+    CHECK(gemv(many, ya, &w.m, x, n_tok, -0.75f, 1) == D2M_OK, "accumulate status");
+    CHECK(memcmp(ya, expect, (size_t)n_tok * rows * 4) == 0, "%s: y += a W x", path);
+    free(expect);
+    free(xhat);
+    d2m_ctx_destroy(one);
+    d2m_ctx_destroy(many);
+    free(x);
+    free(y1);
+    free(yt);
+    free(ya);
+    free_weight(&w);
+}
+
+/* ---- expert and top-k: top-k equals k expert calls, bit for bit, on every thread count ---- */
+static void topk_case(const char *path) {
+    const int format = uniform_int(0, 4);
+    const int H = uniform_int(1, 200), F = uniform_int(1, 80), E = uniform_int(1, 5), k = uniform_int(1, E);
+    weight parts[5][3];
+    d2m_mlp experts[5];
+    for (int e = 0; e < E; e++) {
+        make_weight(&parts[e][0], format, F, H);
+        make_weight(&parts[e][1], format, F, H);
+        make_weight(&parts[e][2], format, H, F);
+        experts[e].gate = parts[e][0].m;
+        experts[e].up = parts[e][1].m;
+        experts[e].down = parts[e][2].m;
+    }
+    int32_t ids[5];
+    float weights[5];
+    int order[5] = {0, 1, 2, 3, 4};
+    for (int i = E - 1; i > 0; i--) { /* shuffle */
+        const int j = uniform_int(0, i), tmp = order[i];
+        order[i] = order[j];
+        order[j] = tmp;
+    }
+    for (int j = 0; j < k; j++) {
+        ids[j] = order[j];
+        weights[j] = 0.1f + fabsf(uniform());
+    }
+    float *x = (float *)malloc((size_t)H * 4), *y = (float *)malloc((size_t)H * 4), *ref = (float *)malloc((size_t)H * 4);
+    for (int c = 0; c < H; c++)
+        x[c] = uniform() * 2.0f;
+    d2m_ctx *one = context(path, 1), *many = context(path, uniform_int(2, 4));
+    for (int j = 0; j < k; j++) {
+        const size_t need = d2m_expert_scratch_bytes(&experts[ids[j]], 1);
+        void *scratch = scratch_for(need);
+        CHECK(d2m_expert(ref, &experts[ids[j]], x, 1, &weights[j], j > 0, scratch, need, one) == D2M_OK, "expert");
+        free(scratch);
+    }
+    d2m_ctx *ctxs[2] = {one, many};
+    for (int i = 0; i < 2; i++) {
+        const size_t need = d2m_topk_scratch_bytes(experts, E, k);
+        void *scratch = scratch_for(need);
+        CHECK(d2m_experts_topk(y, experts, E, ids, weights, k, x, scratch, need, ctxs[i]) == D2M_OK, "topk");
+        CHECK(memcmp(y, ref, (size_t)H * 4) == 0, "%s format %d H=%d F=%d k=%d: top-k differs from k experts",
+              path, format, H, F, k);
+        free(scratch);
+    }
+    d2m_ctx_destroy(one);
+    d2m_ctx_destroy(many);
+    free(x);
+    free(y);
+    free(ref);
+    for (int e = 0; e < E; e++)
+        for (int p = 0; p < 3; p++)
+            free_weight(&parts[e][p]);
+}
+
+/* ---- what the entry points refuse ---- */
+static void refusals(void) {
+    d2m_ctx *ctx = context(NULL, 2);
+    float w[32] = {0}, x[8] = {0}, y[4] = {0};
+    d2m_matrix m = {D2M_F32, 4, 8, 0, w, NULL};
+    d2m_matrix bad = m;
+    CHECK(d2m_gemv(y, &m, x, 1, 1.0f, 0, NULL, 0, ctx) == D2M_OK, "plain gemv");
+    CHECK(d2m_gemv(NULL, &m, x, 1, 1.0f, 0, NULL, 0, ctx) == D2M_ERR_NULL, "NULL y");
+    CHECK(d2m_gemv(y, NULL, x, 1, 1.0f, 0, NULL, 0, ctx) == D2M_ERR_NULL, "NULL matrix");
+    CHECK(d2m_gemv(y, &m, NULL, 1, 1.0f, 0, NULL, 0, ctx) == D2M_ERR_NULL, "NULL x");
+    CHECK(d2m_gemv(y, &m, x, 1, 1.0f, 0, NULL, 0, NULL) == D2M_ERR_NULL, "NULL ctx");
+    CHECK(d2m_gemv(y, &m, x, 0, 1.0f, 0, NULL, 0, ctx) == D2M_ERR_SIZE, "0 tokens");
+    bad.rows = -1;
+    CHECK(d2m_gemv(y, &bad, x, 1, 1.0f, 0, NULL, 0, ctx) == D2M_ERR_SIZE, "negative rows");
+    bad = m;
+    bad.format = 7;
+    CHECK(d2m_gemv(y, &bad, x, 1, 1.0f, 0, NULL, 0, ctx) == D2M_ERR_FORMAT, "unknown format");
+    bad = m;
+    bad.format = D2M_Q4G;
+    bad.group = 16;
+    bad.scales = w;
+    CHECK(d2m_gemv(y, &bad, x, 1, 1.0f, 0, NULL, 0, ctx) == D2M_ERR_FORMAT, "group 16");
+    bad.group = 32;
+    const size_t need = d2m_gemv_scratch_bytes(&bad, 1);
+    void *scratch = malloc(need);
+    CHECK(d2m_gemv(y, &bad, x, 1, 1.0f, 0, scratch, need - 1, ctx) == D2M_ERR_SCRATCH, "short scratch");
+    free(scratch);
+    d2m_ctx *none = NULL;
+    CHECK(d2m_ctx_create(&none, "no-such-path", 1) == D2M_ERR_PATH && none == NULL, "unknown path");
+    CHECK(d2m_ctx_create(&none, NULL, 0) == D2M_ERR_THREADS, "0 threads");
+    uint64_t sum;
+    CHECK(d2m_stream_read(&sum, w, 100, ctx) == D2M_ERR_SIZE, "stream size");
+    d2m_ctx_destroy(ctx);
+}
+
+int main(int argc, char **argv) {
+    const int cases = argc > 1 ? atoi(argv[1]) : 300;
+    refusals();
+    for (int i = 0; i < d2m_path_count(); i++) {
+        const char *path = d2m_path_name(i);
+        if (!d2m_path_supported(i)) {
+            printf("path %s: compiled, not supported by this CPU (skipped)\n", path);
+            continue;
+        }
+        printf("path %s: %d gemv and %d top-k cases\n", path, cases, cases / 4);
+        for (int c = 0; c < cases; c++)
+            gemv_case(path);
+        for (int c = 0; c < cases / 4; c++)
+            topk_case(path);
+    }
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
