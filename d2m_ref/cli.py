@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import D2MError, InputError
+from .kernels import KERNEL_NAMES, c_kernels_available, kernels_for
 from .tokenizer import Tokenizer, load_tokenizer, parse_token_ids, tokenizer_beside
 from .weights import Model, load_model
 
@@ -73,6 +74,21 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float64",
                         help="compute dtype (default float64, the oracle's)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--kernels", choices=KERNEL_NAMES, default=None,
+                        help="c (default when the C extension is built) or numpy; the C kernels compute "
+                             "float32 only, float64 always runs on NumPy")
+
+
+def kernels_of(args: argparse.Namespace):
+    """The kernel set --kernels names (default: c when built), and a one-line description of it."""
+    name = args.kernels or ("c" if c_kernels_available() else "numpy")
+    kernels = kernels_for(name)
+    if kernels.name == "numpy":
+        return kernels, "numpy"
+    c = f"c ({kernels.path}, {kernels.threads} threads)"
+    if DTYPES[args.dtype] != np.float32:
+        return kernels, f"numpy ({c} computes float32 only: add --dtype float32 to use it)"
+    return kernels, c
 
 
 # What a path names when it is not a regular file: reading a FIFO or a terminal would wait for a

@@ -137,7 +137,7 @@ def count_experts(counts: dict[int, np.ndarray], capture: dict) -> None:
 
 def generate(model: Model, prompt_ids, *, max_new_tokens: int = 32, temperature: float | None = None,
              top_p: float = 1.0, seed: int | None = None, eos_ids: Iterable[int] = (),
-             dtype=np.float64, progress: Progress | None = None) -> Generation:
+             dtype=np.float64, progress: Progress | None = None, kernels=None) -> Generation:
     """prompt ids [P] -> Generation.  Stops after max_new_tokens, after an id in eos_ids, or when
     the sequence fills max_position_embeddings (the next token would have no position)."""
     check_sampling(max_new_tokens, temperature, top_p, seed)
@@ -145,20 +145,21 @@ def generate(model: Model, prompt_ids, *, max_new_tokens: int = 32, temperature:
     eos = frozenset(int(e) for e in eos_ids)
     rng = np.random.default_rng(seed) if temperature else None
     try:
-        return _loop(model, prompt, max_new_tokens, temperature, top_p, rng, eos, dtype, progress)
+        return _loop(model, prompt, max_new_tokens, temperature, top_p, rng, eos, dtype, progress, kernels)
     finally:
         if progress:
             progress.close()
 
 
 def _loop(model: Model, prompt: np.ndarray, max_new_tokens: int, temperature: float | None, top_p: float,
-          rng: np.random.Generator | None, eos: frozenset, dtype, progress: Progress | None) -> Generation:
+          rng: np.random.Generator | None, eos: frozenset, dtype, progress: Progress | None,
+          kernels) -> Generation:
     """The prefill, then sample / stop checks / one-token forward until a stop (arguments checked)."""
     cfg = model.config
     counts = {i: np.zeros(cfg.layers[i].moe.num_experts, np.int64) for i in moe_layers(model)}
     start = time.perf_counter()
     capture: dict = {}
-    logits, cache = forward(model, prompt, dtype=dtype, capture=capture,
+    logits, cache = forward(model, prompt, dtype=dtype, capture=capture, kernels=kernels,
                             progress=progress.stage("prefill", "layers") if progress else None)
     check_finite(logits, capture, "in the prefill")
     count_experts(counts, capture)
@@ -183,7 +184,7 @@ def _loop(model: Model, prompt: np.ndarray, max_new_tokens: int, temperature: fl
         if len(new) == max_new_tokens:
             break
         capture = {}
-        logits, cache = forward(model, [token], cache=cache, dtype=dtype, capture=capture)
+        logits, cache = forward(model, [token], cache=cache, dtype=dtype, capture=capture, kernels=kernels)
         steps += 1
         check_finite(logits, capture, f"at decode step {steps}")
         count_experts(counts, capture)

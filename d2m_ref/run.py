@@ -2,7 +2,7 @@
 
     python -m d2m_ref.run [--weights W] [--config C] [--tokenizer T] (--prompt TEXT | --tokens 1,2,3)
                           [--max-new-tokens N] [--temperature T --top-p P --seed S]
-                          [--dtype float32|float64] [--quiet]
+                          [--dtype float32|float64] [--kernels c|numpy] [--quiet]
 
 With no --weights it builds the demo model (d2m_ref.demo) in a temporary directory and runs that.
 Exit status 0, or 2 for bad input (see d2m_ref.cli).
@@ -74,6 +74,7 @@ def run_model(args: argparse.Namespace, demo: bool = False) -> int:
         tokenizer = cli.load_tokenizer_for(args, decode_output=True)
         ids = check_input_ids(cli.input_ids(args, model, tokenizer), cfg, 0)
         eos = eos_ids(cfg)
+        kernels, kernels_text = cli.kernels_of(args)
         if demo:
             print(DEMO_NOTE)
         print(model_summary(cfg))
@@ -82,8 +83,9 @@ def run_model(args: argparse.Namespace, demo: bool = False) -> int:
         print(f"prompt: {ids.size} tokens" + (f" {args.prompt!r}" if args.prompt is not None else ""))
         result = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, seed=args.seed, eos_ids=eos,
-                          dtype=cli.DTYPES[args.dtype], progress=terminal_progress(args.quiet))
+                          dtype=cli.DTYPES[args.dtype], progress=terminal_progress(args.quiet), kernels=kernels)
         print(report(result, cfg, tokenizer, args))
+        print(f"kernels: {kernels_text}")
     finally:
         model.close()
     return 0

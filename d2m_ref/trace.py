@@ -2,7 +2,8 @@
 (the format and its reader: d2m_ref/tracefile.py, spec/format.md §2).
 
     python -m d2m_ref.trace --weights W [--config C] (--tokens 1,2,3 | --prompt TEXT [--tokenizer T])
-                            --out trace.safetensors [--dtype float64|float32] [--force] [--quiet]
+                            --out trace.safetensors [--dtype float64|float32] [--kernels c|numpy]
+                            [--force] [--quiet]
 """
 
 from __future__ import annotations
@@ -48,19 +49,23 @@ def trace_command(args: argparse.Namespace, argv: list[str]) -> int:
         refuse_own_input(args, model)
         ids = cli.input_ids(args, model, cli.load_tokenizer_for(args, decode_output=False))
         dtype = cli.DTYPES[args.dtype]
+        kernels, kernels_text = cli.kernels_of(args)
         progress = terminal_progress(args.quiet)
         try:
-            tensors = capture_trace(model, ids, dtype, progress.stage("forward", "layers") if progress else None)
+            tensors = capture_trace(model, ids, dtype, progress.stage("forward", "layers") if progress else None,
+                                    kernels)
         finally:
             if progress:
                 progress.close()
         check_finite(tensors["logits"], tensors, "in the prefill")  # a trace of NaNs checks nothing
         metadata = trace_metadata(model, args.weights, dtype, f"{PROG} {shlex.join(argv)}")
+        metadata["kernels"] = kernels_text  # which code computed it: a mismatch can be traced to a build
         write_trace(args.out, tensors, metadata, force=args.force)
     finally:
         model.close()
     if not args.quiet:
-        print(f"wrote {printable(args.out)}: {len(tensors)} tensors of {ids.size} tokens, {args.dtype}")
+        print(f"wrote {printable(args.out)}: {len(tensors)} tensors of {ids.size} tokens, {args.dtype}, "
+              f"kernels {kernels_text}")
     return 0
 
 

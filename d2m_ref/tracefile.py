@@ -36,10 +36,11 @@ PROG = "python -m d2m_ref.trace"  # the command that makes traces, for regenerat
 # Making and writing
 
 
-def capture_trace(model: Model, input_ids, dtype=np.float64, progress: Update | None = None) -> dict[str, np.ndarray]:
+def capture_trace(model: Model, input_ids, dtype=np.float64, progress: Update | None = None,
+                  kernels=None) -> dict[str, np.ndarray]:
     """input ids [T] -> {name: tensor} of one `forward` (the capture dict, in forward order)."""
     capture: dict[str, np.ndarray] = {}
-    forward(model, input_ids, dtype=dtype, capture=capture, progress=progress)
+    forward(model, input_ids, dtype=dtype, capture=capture, progress=progress, kernels=kernels)
     return capture
 
 

@@ -20,6 +20,7 @@ from d2m_ref.generate import generate
 from d2m_ref.safetensors_io import save
 from d2m_ref.errors import TraceError
 from d2m_ref.tracefile import TRACE_FORMAT, read_trace
+from d2m_ref.kernels import c_kernels_available, kernels_for
 from d2m_ref import run, trace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,18 +114,21 @@ def test_run_as_a_subprocess(tmp_path):
 # trace
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_trace_equals_a_direct_forward(demo, tmp_path, capsys, dtype):
-    """Every tensor in the trace file is bit-for-bit the capture of forward() on the same model and ids."""
+@pytest.mark.parametrize("dtype, kernels", [("float64", "numpy"), ("float32", "numpy"), ("float32", "c")])
+def test_trace_equals_a_direct_forward(demo, tmp_path, capsys, dtype, kernels):
+    """Every tensor in the trace file is bit-for-bit the capture of forward() on the same model, ids
+    and kernels."""
+    if kernels == "c" and not c_kernels_available():
+        pytest.skip("the C extension is not built")
     out = tmp_path / "trace.safetensors"
-    argv = ["--weights", str(demo), "--prompt", "Hi there", "--out", str(out), "--dtype", dtype]
+    argv = ["--weights", str(demo), "--prompt", "Hi there", "--out", str(out), "--dtype", dtype, "--kernels", kernels]
     status, stdout, err = call(trace.main, argv, capsys)
     assert status == 0, err
     assert f"wrote {out}" in stdout
     tensors, metadata = read_trace(out)
     model = load_model(demo)
     capture = {}
-    forward(model, list(b"Hi there"), dtype=np.dtype(dtype), capture=capture)
+    forward(model, list(b"Hi there"), dtype=np.dtype(dtype), capture=capture, kernels=kernels_for(kernels))
     model.close()
     assert sorted(tensors) == sorted(capture)
     for name, expected in capture.items():
@@ -640,3 +644,26 @@ def test_bench_memory_dir_keeps_the_users_files(tmp_path):
     with pytest.raises(D2MError, match=r"model\.safetensors: exists but holds another config.*another --dir"):
         bench_memory.write_model(other, folder, seed=0)
     assert not (folder / "config.json").exists() and weights.stat().st_mtime_ns == first.st_mtime_ns
+
+
+def test_run_kernels_c_and_numpy_agree_in_float32(demo, capsys):
+    """--kernels c and --kernels numpy generate the same greedy tokens in float32 and say which ran;
+    in float64 the C kernels are not used, and run says so."""
+    if not c_kernels_available():
+        pytest.skip("the C extension is not built")
+    outputs = {}
+    for kernels in ("c", "numpy"):
+        status, out, err = call(run.main, ["--weights", str(demo), "--tokens", "72,105,33", "--max-new-tokens", "6",
+                                           "--dtype", "float32", "--kernels", kernels, "--quiet"], capsys)
+        assert status == 0, err
+        outputs[kernels] = re.search(r"continuation ids: (.*)", out).group(1)
+        assert re.search(rf"kernels: {kernels}\b", out), out
+    assert outputs["c"] == outputs["numpy"]
+    status, out, err = call(run.main, ["--weights", str(demo), "--tokens", "72", "--max-new-tokens", "1",
+                                       "--kernels", "c", "--quiet"], capsys)
+    assert status == 0 and "kernels: numpy (c (" in out and "float32 only" in out
+
+
+def test_unknown_kernels_is_an_argument_error(demo, capsys):
+    status, out, err = call(run.main, ["--weights", str(demo), "--tokens", "1", "--kernels", "cuda"], capsys)
+    assert status == 2 and "--kernels" in err and "Traceback" not in err
