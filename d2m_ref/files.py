@@ -1,8 +1,8 @@
 """Writing output files: the one overwrite rule, atomic replacement, and paths fit to print.
 
-Every tool that writes a file the user named goes through here (safetensors_io keeps its own
-streaming temp+rename writer but refuses through `refuse_existing`), so the refusal reads the
-same everywhere and a failed or interrupted write leaves the old file or nothing, never half a file.
+Every tool that writes a file the user named goes through here (safetensors_io streams its
+tensors through `atomic_write`), so the refusal reads the same everywhere and a failed or
+interrupted write leaves the old file or nothing, never half a file.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import BinaryIO, Callable
 
-from .errors import InputError, OutputExistsError
+from .errors import D2MError, InputError, OutputExistsError
 
 
 def refuse_existing(path: str | os.PathLike, force: bool) -> None:
@@ -20,36 +21,55 @@ def refuse_existing(path: str | os.PathLike, force: bool) -> None:
         raise OutputExistsError(f"{path}: file exists; pass --force to overwrite it")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, force: bool) -> None:
-    """Write `data` to `path` through a temporary file beside it (fsync, then os.replace).
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, force: bool,
+                 error: type[D2MError] = InputError) -> None:
+    """Call write(f) on a temporary file beside `path`, fsync it, then os.replace it onto `path`.
 
-    Refuses an existing `path` unless `force` (checked before and again just before the rename);
-    an OSError is an InputError naming `path`; the temporary is removed on any failure."""
+    Refuses an existing `path` unless `force` (checked before and again just before the rename).
+    The temporary is removed on any failure, including one raised inside `write`, so an
+    interrupted write leaves the old file or nothing, never half a file.  OSErrors of the file
+    operations become `error` naming `path`; exceptions from `write` pass through unchanged."""
     path = Path(path)
     if path.is_dir():
-        raise InputError(f"{path}: is a directory")
+        raise error(f"{path}: is a directory")
     refuse_existing(path, force)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # O_EXCL: never someone else's file
+        # O_EXCL: never write into someone else's file; 0o666 & ~umask, like a plain open().
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
-        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise error(f"{path}: cannot create {tmp.name} beside it ({exc.strerror or exc})") from None
     try:
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            try:
                 f.flush()
                 os.fsync(f.fileno())  # on disk before the rename makes it visible
-            refuse_existing(path, force)  # it may have appeared while we wrote
+            except OSError as exc:
+                raise error(f"{path}: cannot write ({exc.strerror or exc})") from None
+        refuse_existing(path, force)  # it may have appeared while we wrote
+        try:
             os.replace(tmp, path)
         except OSError as exc:
-            raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+            raise error(f"{path}: cannot rename {tmp.name} to it ({exc.strerror or exc})") from None
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, force: bool) -> None:
+    """`data` to `path`, atomically (atomic_write)."""
+
+    def write(f: BinaryIO) -> None:
+        try:
+            f.write(data)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+    atomic_write(path, write, force=force)
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

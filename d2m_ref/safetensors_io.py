@@ -28,14 +28,13 @@ import math
 import mmap
 import os
 import pathlib
-import secrets
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from d2m_ref.errors import WeightsError
-from d2m_ref.files import refuse_existing
+from d2m_ref.files import atomic_write
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
@@ -748,44 +747,5 @@ def _write_bytes(path: pathlib.Path, f, data: bytes | memoryview) -> None:
 
 
 def _write_atomic(path: pathlib.Path, force: bool, write: Callable[[object], None]) -> None:
-    """Call write(f) on a temporary file beside `path`, then rename it to `path`.
-
-    The temporary is removed on any failure, including one raised inside `write`, so an
-    interrupted save leaves the old file or nothing, never half a file. Exceptions from `write`
-    pass through unchanged; OSErrors of our own file operations become WeightsError.
-    """
-    if path.is_dir():
-        raise WeightsError(f"{path}: is a directory")
-    refuse_existing(path, force)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        # O_EXCL: never write into someone else's file; 0o666 & ~umask, like a plain open().
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as e:
-        raise WeightsError(f"{path}: cannot create {tmp.name} beside it ({e.strerror or e})") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            _finish(path, f)
-        # Checked again: the file may have appeared while we wrote. (A tiny race remains;
-        # os.link would close it but is not available on every filesystem.)
-        refuse_existing(path, force)
-        try:
-            os.replace(tmp, path)
-        except OSError as e:
-            raise WeightsError(f"{path}: cannot rename {tmp.name} to it ({e.strerror or e})") from e
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _finish(path: pathlib.Path, f) -> None:
-    """Flush and fsync, so the data is on disk before the rename makes the file visible."""
-    try:
-        f.flush()
-        os.fsync(f.fileno())
-    except OSError as e:
-        raise WeightsError(f"{path}: cannot write ({e.strerror or e})") from e
+    """write(f) into `path` atomically (d2m_ref.files.atomic_write); file errors are WeightsErrors."""
+    atomic_write(path, write, force=force, error=WeightsError)
