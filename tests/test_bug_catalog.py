@@ -88,8 +88,9 @@ EXPECTED = {
     "norm_not_folded": "ffn_out.1",
 }
 # (bug, precision) pairs not asserted, and why (see the module docstring)
-NOT_ASSERTED = {("eps_outside_sqrt", "bfloat16"): "effect inside bf16's honest error at layer 0",
-                ("router_fp16", "float16"): "not a bug at this precision",
+# Flagged, but later than where it first acts: at layer 0 its effect is inside bf16's honest error.
+CAUGHT_LATER = {("eps_outside_sqrt", "bfloat16")}
+NOT_ASSERTED = {("router_fp16", "float16"): "not a bug at this precision",
                 ("router_fp16", "bfloat16"): "not a bug at this precision"}
 BUG_SEEDS = range(5)
 HONEST_SEEDS = range(20)
@@ -135,6 +136,9 @@ def test_bug_is_caught_at_the_layer_where_it_first_acts(bug, precision):
         report = run(seed, precision, {bug})
         first = report.first_divergence
         assert first is not None, f"{bug} in a {precision} candidate (seed {seed}) passed"
+        if (bug, precision) in CAUGHT_LATER:
+            assert report.exit_code == 1 and first.stage.layer >= int(EXPECTED[bug].split(".")[-1])
+            continue
         assert first.stage.name == EXPECTED[bug], (
             f"{bug} ({precision}, seed {seed}): first divergence {first.stage.name}, expected {EXPECTED[bug]}")
 
