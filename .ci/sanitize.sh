@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The C kernels under AddressSanitizer + UndefinedBehaviorSanitizer (x86-64 host):
-#   1. tests/c/test_kernels.c linked with every c_src unit of this target (scalar + AVX2), built with
+#   1. tests/c/test_kernels.c linked with every c_src unit of this target (scalar, AVX2, AVX-512), built with
 #      -fsanitize=address,undefined and no recovery: any out-of-bounds access, misaligned load,
 #      overflow or data race-free UB aborts the run;
 #   2. the Python kernel tests against an extension built the same way (libasan preloaded).
@@ -15,7 +15,9 @@ simd=()
 defs=()
 if [ "$arch" = x86_64 ]; then
     cc $COMMON $SAN -mavx2 -mfma -mf16c -c c_src/simd_avx2.c -o "$out/simd_avx2.o"
-    simd=("$out/simd_avx2.o"); defs=(-DD2M_HAVE_AVX2)
+    cc $COMMON $SAN -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512vnni \
+        -c c_src/simd_avx512.c -o "$out/simd_avx512.o"
+    simd=("$out/simd_avx2.o" "$out/simd_avx512.o"); defs=(-DD2M_HAVE_AVX2 -DD2M_HAVE_AVX512)
 fi
 portable=(c_src/gemv_f32.c c_src/gemv_f16.c c_src/gemv_bf16.c c_src/gemv_q8.c c_src/gemv_q4.c c_src/quant_act.c
           c_src/gemv.c c_src/expert.c c_src/threads.c c_src/stream.c c_src/dispatch.c)

@@ -30,6 +30,9 @@
 #if defined(D2M_HAVE_AVX2) && !defined(__x86_64__)
 #error "D2M_HAVE_AVX2 is for x86-64 builds"
 #endif
+#if defined(D2M_HAVE_AVX512) && !defined(D2M_HAVE_AVX2)
+#error "the avx512 path takes its F32 kernel from the AVX2 unit"
+#endif
 #if (defined(D2M_HAVE_NEON) || defined(D2M_HAVE_DOTPROD)) && !defined(__aarch64__)
 #error "D2M_HAVE_NEON / D2M_HAVE_DOTPROD are for aarch64 builds"
 #endif
@@ -71,6 +74,23 @@ static int cpu_avx2(void) {
 }
 #endif
 
+#if defined(D2M_HAVE_AVX512)
+/* The AVX2 path's features (its float kernels are used), plus AVX512F, BW, VL and VNNI, and the
+ * OS saves the opmask and ZMM state too (XCR0 bits 5, 6, 7 besides SSE and AVX). */
+static int cpu_avx512(void) {
+    unsigned a, b, c, d;
+    if (!cpu_avx2() || !__get_cpuid_count(7, 0, &a, &b, &c, &d))
+        return 0;
+    const int f = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1, vnni = (c >> 11) & 1;
+    if (!(f && bw && vl && vnni))
+        return 0;
+    unsigned xcr0_lo, xcr0_hi;
+    __asm__ __volatile__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    (void)xcr0_hi;
+    return (xcr0_lo & 0xe6u) == 0xe6u;
+}
+#endif
+
 #if defined(D2M_HAVE_NEON)
 static int cpu_neon(void) {
     return (getauxval(AT_HWCAP) & HWCAP_ASIMD) != 0;
@@ -87,6 +107,11 @@ static int cpu_dotprod(void) {
 #endif
 
 static const d2m_path PATHS[] = {
+#if defined(D2M_HAVE_AVX512)
+    {"avx512", cpu_avx512,
+     {d2m_dot_f32_avx2, d2m_dot_f16_avx512, d2m_dot_bf16_avx512, d2m_dot_q8_avx512, d2m_dot_q4g_avx512},
+     d2m_stream_avx2},
+#endif
 #if defined(D2M_HAVE_AVX2)
     {"avx2", cpu_avx2,
      {d2m_dot_f32_avx2, d2m_dot_f16_avx2, d2m_dot_bf16_avx2, d2m_dot_q8_avx2, d2m_dot_q4g_avx2},

@@ -65,17 +65,23 @@ void d2m_acts_prepare(d2m_acts *acts, const float *x, int cols, int n_tok, int q
     acts->q = NULL;
     acts->d = NULL;
     acts->pairs8 = NULL;
-    acts->ldq = acts->ldd = acts->ldp = 0;
+    acts->q4x = NULL;
+    acts->q4neg = NULL;
+    acts->ldq = acts->ldd = acts->ldp = acts->ldq4x = acts->ldq4n = 0;
     if (!quantize)
         return;
     const int nblk = d2m_act_blocks(cols);
     int8_t *q = (int8_t *)*scratch;
     float *d = (float *)((char *)q + round64((size_t)n_tok * (size_t)nblk * D2M_QBLOCK));
     int16_t *p = (int16_t *)((char *)d + round64((size_t)n_tok * (size_t)nblk * sizeof(float)));
+    const int nquad = d2m_act_quads(cols);
+    int8_t *q4x = (int8_t *)((char *)p + round64((size_t)n_tok * (size_t)nblk * 16 * sizeof(int16_t)));
+    int32_t *q4neg = (int32_t *)((char *)q4x + round64((size_t)n_tok * (size_t)nquad * 128));
     for (int t = 0; t < n_tok; t++) {
         int8_t *qt = q + (size_t)t * nblk * D2M_QBLOCK;
         d2m_quantize_act_row(qt, d + (size_t)t * nblk, x + (size_t)t * cols, cols);
         d2m_act_pairs8(p + (size_t)t * nblk * 16, qt, cols);
+        d2m_act_q4_split(q4x + (size_t)t * nquad * 128, q4neg + (size_t)t * nquad * 16, qt, cols);
     }
     acts->q = q;
     acts->d = d;
@@ -83,13 +89,19 @@ void d2m_acts_prepare(d2m_acts *acts, const float *x, int cols, int n_tok, int q
     acts->ldq = nblk * D2M_QBLOCK;
     acts->ldd = nblk;
     acts->ldp = nblk * 16;
-    *scratch = (char *)p + round64((size_t)n_tok * (size_t)nblk * 16 * sizeof(int16_t));
+    acts->q4x = q4x;
+    acts->q4neg = q4neg;
+    acts->ldq4x = nquad * 128;
+    acts->ldq4n = nquad * 16;
+    *scratch = (char *)q4neg + round64((size_t)n_tok * (size_t)nquad * 16 * sizeof(int32_t));
 }
 
 size_t d2m_acts_bytes(int cols, int n_tok) {
     const size_t nblk = (size_t)d2m_act_blocks(cols);
     return round64((size_t)n_tok * nblk * D2M_QBLOCK) + round64((size_t)n_tok * nblk * sizeof(float)) +
-           round64((size_t)n_tok * nblk * 16 * sizeof(int16_t));
+           round64((size_t)n_tok * nblk * 16 * sizeof(int16_t)) +
+           round64((size_t)n_tok * (size_t)d2m_act_quads(cols) * 128) +
+           round64((size_t)n_tok * (size_t)d2m_act_quads(cols) * 16 * sizeof(int32_t));
 }
 
 #define TILE_ROWS 64  /* rows whose dots are formed together; a tile is re-read from cache per token */
@@ -105,6 +117,8 @@ void d2m_rows(float *y, int ldy, const d2m_matrix *w, d2m_dot_fn dot, int r0, in
             a.q = acts->q ? acts->q + (size_t)t * (size_t)acts->ldq : NULL;
             a.d = acts->d ? acts->d + (size_t)t * (size_t)acts->ldd : NULL;
             a.pairs8 = acts->pairs8 ? acts->pairs8 + (size_t)t * (size_t)acts->ldp : NULL;
+            a.q4x = acts->q4x ? acts->q4x + (size_t)t * (size_t)acts->ldq4x : NULL;
+            a.q4neg = acts->q4neg ? acts->q4neg + (size_t)t * (size_t)acts->ldq4n : NULL;
             dot(v, w, lo, hi, &a);
             const float scale = alphas ? alphas[t] : alpha;
             float *out = y + (size_t)t * (size_t)ldy;

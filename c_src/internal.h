@@ -16,6 +16,10 @@ typedef struct d2m_act {
     const int8_t *q;
     const float *d;
     const int16_t *pairs8;  /* [nblk*16]: 8 * (q[2i] + q[2i+1]), the Q4 offset of each column pair */
+    /* q in the order of a Q4 quad (4 blocks, 128 columns) split into nibbles (d2m_act_q4_split):
+     * [nquad*128], and the Q4 offset of each 8-column lane [nquad*16]; nquad = ceil(nblk/4) */
+    const int8_t *q4x;
+    const int32_t *q4neg;
 } d2m_act;
 
 /* out[i] = dot(W[r0 + i], x) for the rows [r0, r1) of one format: the unit every path implements
@@ -65,6 +69,12 @@ void d2m_dot_q8_avx2(float *out, const d2m_matrix *w, int r0, int r1, const d2m_
 void d2m_dot_q4g_avx2(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
 uint64_t d2m_stream_avx2(const uint64_t *p, size_t n);
 #endif
+#ifdef D2M_HAVE_AVX512
+void d2m_dot_f16_avx512(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+void d2m_dot_bf16_avx512(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+void d2m_dot_q8_avx512(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+void d2m_dot_q4g_avx512(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
+#endif
 #ifdef D2M_HAVE_NEON
 void d2m_dot_f32_neon(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
 void d2m_dot_f16_neon(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
@@ -86,6 +96,12 @@ int d2m_act_blocks(int cols);   /* ceil(cols / 32) */
 void d2m_quantize_act_row(int8_t *xq, float *xd, const float *x, int cols);
 /* pairs8[i] = 8 * (xq[2i] + xq[2i+1]) for the nblk*16 column pairs of a quantised row */
 void d2m_act_pairs8(int16_t *pairs8, const int8_t *xq, int cols);
+int d2m_act_quads(int cols);    /* ceil(cols / 128) */
+/* For each quad k of 4 blocks (128 columns, zero padded): q4x[128k + 16i + j] = xq[32(4k+i) + j]
+ * (i < 4: the columns of the blocks' low nibbles), q4x[128k + 64 + 16i + j] = xq[32(4k+i) + 16 + j]
+ * (the high nibbles); q4neg[16k + 4i + l] = -8 * (sum of the 8 columns 32(4k+i) + 4l + {0..3} and
+ * + 16 + 4l + {0..3}): the layout in which AND and a shift of 64 packed bytes line up with q. */
+void d2m_act_q4_split(int8_t *q4x, int32_t *q4neg, const int8_t *xq, int cols);
 
 /* ---- gemv.c: checks and helpers shared by the entry points ---- */
 /* The activations of n_tok tokens: x [n_tok][ldx]; quantised q [n_tok][ldq], d [n_tok][ldd]. */
@@ -94,7 +110,9 @@ typedef struct d2m_acts {
     const int8_t *q;
     const float *d;
     const int16_t *pairs8;
-    int ldx, ldq, ldd, ldp, n_tok;
+    const int8_t *q4x;
+    const int32_t *q4neg;
+    int ldx, ldq, ldd, ldp, ldq4x, ldq4n, n_tok;
 } d2m_acts;
 
 int d2m_check_matrix(const d2m_matrix *w);

@@ -4,7 +4,7 @@
                  cdef-end markers), so the binding and the header cannot drift apart
     BuildExt     setuptools' build_ext with two additions:
                  - the SIMD units are compiled one by one with their own -march flags (only the
-                   units of the compiler's target: AVX2 on x86-64, NEON and dotprod on aarch64),
+                   units of the compiler's target: AVX2 and AVX-512 on x86-64, NEON and dotprod on aarch64),
                    and linked in as extra objects; the portable units get the common flags only;
                  - a failed compile or link is caught: the install goes on without the extension
                    and d2m_ref runs on the NumPy kernels (d2m_ref/ckernels.py says so once).
@@ -44,7 +44,9 @@ class SimdUnit(NamedTuple):
 
 
 SIMD_UNITS: dict[str, tuple[SimdUnit, ...]] = {
-    "x86_64": (SimdUnit("simd_avx2.c", ("-mavx2", "-mfma", "-mf16c"), "D2M_HAVE_AVX2"),),
+    "x86_64": (SimdUnit("simd_avx2.c", ("-mavx2", "-mfma", "-mf16c"), "D2M_HAVE_AVX2"),
+               SimdUnit("simd_avx512.c", ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
+                                          "-mavx512vl", "-mavx512vnni"), "D2M_HAVE_AVX512")),
     "aarch64": (SimdUnit("simd_neon.c", ("-march=armv8-a",), "D2M_HAVE_NEON"),
                 SimdUnit("simd_dotprod.c", ("-march=armv8.2-a+dotprod+fp16",), "D2M_HAVE_DOTPROD")),
 }

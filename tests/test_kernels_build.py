@@ -45,14 +45,14 @@ def fake_compiler(tmp_path: Path, machine: str) -> str:
 
 
 def test_target_and_units_follow_the_compiler(tmp_path):
-    """x86-64 gets the AVX2 unit, aarch64 the NEON and dotprod units, each with its own -march;
+    """x86-64 gets the AVX2 and AVX-512 units, aarch64 the NEON and dotprod units, each with its own -march;
     an unknown target gets only the portable scalar path."""
     assert bk.target_arch([fake_compiler(tmp_path, "aarch64")]) == "aarch64"
     assert bk.target_arch([fake_compiler(tmp_path, "x86_64")]) == "x86_64"
     assert bk.target_arch([str(tmp_path / "missing-cc")]) == bk.platform.machine()
     arm = {u.source: u.flags for u in bk.simd_units("aarch64")}
     assert arm == {"simd_neon.c": ("-march=armv8-a",), "simd_dotprod.c": ("-march=armv8.2-a+dotprod+fp16",)}
-    assert [u.macro for u in bk.simd_units("x86_64")] == ["D2M_HAVE_AVX2"]
+    assert [u.macro for u in bk.simd_units("x86_64")] == ["D2M_HAVE_AVX2", "D2M_HAVE_AVX512"]
     assert bk.simd_units("riscv64") == ()
     for flags in list(arm.values()) + [bk.COMMON_FLAGS]:
         assert not any("fast-math" in f and not f.startswith("-fno-") for f in flags)
