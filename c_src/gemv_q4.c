@@ -9,12 +9,10 @@
 #include "internal.h"
 
 static float row_dot(const d2m_matrix *w, int row, const d2m_act *x) {
-    const int cols = w->cols, group = w->group;
-    const int nblk = d2m_act_blocks(cols);
-    const int ngroups = (cols + group - 1) / group;
-    const int blocks_per_group = group / D2M_QBLOCK;
-    const uint8_t *packed = (const uint8_t *)w->data + (size_t)row * (size_t)nblk * 16;
-    const uint16_t *scales = (const uint16_t *)w->scales + (size_t)row * (size_t)ngroups;
+    const d2m_q4g_row q4 = d2m_q4g_row_at(w, row);
+    const int nblk = q4.nblk, blocks_per_group = 1 << q4.shift;
+    const uint8_t *packed = q4.packed;
+    const uint16_t *scales = q4.scales;
     float acc = 0.0f;
     for (int b = 0; b < nblk; b++) {
         const uint8_t *block = packed + (size_t)b * 16;

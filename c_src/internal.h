@@ -93,6 +93,29 @@ const d2m_path *d2m_find_path(const char *name, int *status);
 
 /* ---- quant_act.c ---- */
 int d2m_act_blocks(int cols);   /* ceil(cols / 32) */
+
+/* Where row `row` of a Q4G matrix lives (spec/quant.md §3): 16 packed bytes per 32-column block,
+ * then one binary16 scale per group of `group` columns.  Every path reads rows through this, so
+ * the layout is written once. */
+typedef struct d2m_q4g_row {
+    const uint8_t *packed;    /* [nblk][16] */
+    const uint16_t *scales;   /* [ceil(cols / group)] */
+    int nblk;                 /* 32-column blocks */
+    int ngroups;              /* scale groups */
+    int shift;                /* log2(group / 32): block index >> shift = group index */
+} d2m_q4g_row;
+
+static inline d2m_q4g_row d2m_q4g_row_at(const d2m_matrix *w, int row) {
+    const int nblk = d2m_act_blocks(w->cols);
+    const int ngroups = (w->cols + w->group - 1) / w->group;
+    d2m_q4g_row r;
+    r.packed = (const uint8_t *)w->data + (size_t)row * (size_t)nblk * 16;
+    r.scales = (const uint16_t *)w->scales + (size_t)row * (size_t)ngroups;
+    r.nblk = nblk;
+    r.ngroups = ngroups;
+    r.shift = w->group == 32 ? 0 : w->group == 64 ? 1 : 2;
+    return r;
+}
 void d2m_quantize_act_row(int8_t *xq, float *xd, const float *x, int cols);
 /* pairs8[i] = 8 * (xq[2i] + xq[2i+1]) for the nblk*16 column pairs of a quantised row */
 void d2m_act_pairs8(int16_t *pairs8, const int8_t *xq, int cols);

@@ -34,12 +34,10 @@ D2M_RANGE(D2M_Q_SUFFIX(d2m_dot_q8), q8_row)
 
 /* Q4G: 16 packed bytes are 32 weights, low nibbles columns 0..15, high nibbles 16..31, n - 8. */
 static inline float q4g_row(const d2m_matrix *w, int row, const d2m_act *x) {
-    const int cols = w->cols, group = w->group;
-    const int nblk = d2m_act_blocks(cols);
-    const int ngroups = (cols + group - 1) / group;
-    const int per_group = group / D2M_QBLOCK;
-    const uint8_t *packed = (const uint8_t *)w->data + (size_t)row * (size_t)nblk * 16;
-    const uint16_t *scales = (const uint16_t *)w->scales + (size_t)row * (size_t)ngroups;
+    const d2m_q4g_row q4 = d2m_q4g_row_at(w, row);
+    const int nblk = q4.nblk, ngroups = q4.ngroups, per_group = 1 << q4.shift;
+    const uint8_t *packed = q4.packed;
+    const uint16_t *scales = q4.scales;
     const uint8x16_t low4 = vdupq_n_u8(0x0f);
     const int8x16_t eight = vdupq_n_s8(8);
     float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);

@@ -139,12 +139,10 @@ static inline __m256 dot_q4(const uint8_t *packed, const int8_t *xq, const int16
 #define Q4_SEGMENT 64  /* groups whose scales are widened to float at a time */
 
 static inline float q4g_row(const d2m_matrix *w, int row, const d2m_act *x) {
-    const int cols = w->cols, group = w->group;
-    const int nblk = d2m_act_blocks(cols);
-    const int ngroups = (cols + group - 1) / group;
-    const int shift = group == 32 ? 0 : group == 64 ? 1 : 2;  /* block -> group */
-    const uint8_t *packed = (const uint8_t *)w->data + (size_t)row * (size_t)nblk * 16;
-    const uint16_t *scales = (const uint16_t *)w->scales + (size_t)row * (size_t)ngroups;
+    const d2m_q4g_row q4 = d2m_q4g_row_at(w, row);
+    const int nblk = q4.nblk, ngroups = q4.ngroups, shift = q4.shift;  /* block >> shift = group */
+    const uint8_t *packed = q4.packed;
+    const uint16_t *scales = q4.scales;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
     float sc[Q4_SEGMENT];

@@ -45,12 +45,10 @@ static inline __m512 load_scales(const uint16_t *p, int shift) {
  * Lane l of block i (4 lanes per block) sums the 8 columns 4l..4l+3 and 16+4l..16+4l+3, started
  * from q4neg = −8·(their x sum): the exact partial sum Σ (n − 8)·x of those columns. */
 static inline float q4g_row(const d2m_matrix *w, int row, const d2m_act *x) {
-    const int cols = w->cols, group = w->group;
-    const int nblk = d2m_act_blocks(cols);
-    const int ngroups = (cols + group - 1) / group;
-    const int shift = group == 32 ? 0 : group == 64 ? 1 : 2;  /* block -> group */
-    const uint8_t *packed = (const uint8_t *)w->data + (size_t)row * (size_t)nblk * 16;
-    const uint16_t *scales = (const uint16_t *)w->scales + (size_t)row * (size_t)ngroups;
+    const d2m_q4g_row q4 = d2m_q4g_row_at(w, row);
+    const int nblk = q4.nblk, ngroups = q4.ngroups, shift = q4.shift;  /* block >> shift = group */
+    const uint8_t *packed = q4.packed;
+    const uint16_t *scales = q4.scales;
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     /* lane i of 16 blocks starting at a multiple of 16 belongs to group (b0 >> shift) + (i >> shift) */
