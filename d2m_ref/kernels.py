@@ -63,7 +63,8 @@ class NumpyKernels:
 
 def experts_topk_loop(kernels, x: np.ndarray, experts, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
     """The reference order of the routed sum: experts in increasing id, each on the tokens that chose
-    it, y[tokens] += weight · expert(x[tokens]) starting from zeros (what d2m_ref.model.moe does)."""
+    it, y[tokens] += weight · expert(x[tokens]) starting from zeros.  model.moe reaches it through
+    the kernel set's experts_topk."""
     y = np.zeros_like(x)
     for e in np.unique(topk_ids):
         tokens, slots = np.nonzero(topk_ids == e)  # a token picks an expert at most once

@@ -139,10 +139,7 @@ def moe(x: np.ndarray, w: MoEWeights, spec: MoESpec, rt: Runtime, i: int) -> np.
     rt.record(f"router_scores.{i}", scores)
     rt.record(f"topk_ids.{i}", topk_ids)
     rt.record(f"topk_weights.{i}", weights)
-    y = np.zeros_like(x)
-    for e in np.unique(topk_ids):
-        tokens, slots = np.nonzero(topk_ids == e)  # a token picks an expert at most once
-        y[tokens] += weights[tokens, slots][:, None] * mlp(x[tokens], w.experts[e], rt)
+    y = rt.kernels.experts_topk(x, w.experts, topk_ids, weights)  # the routed sum, step 5
     if w.shared is not None:
         shared = mlp(x, w.shared, rt)
         if w.shared_gate is not None:
