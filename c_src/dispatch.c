@@ -110,26 +110,26 @@ static const d2m_path PATHS[] = {
 #if defined(D2M_HAVE_AVX512)
     {"avx512", cpu_avx512,
      {d2m_dot_f32_avx2, d2m_dot_f16_avx512, d2m_dot_bf16_avx512, d2m_dot_q8_avx512, d2m_dot_q4g_avx512},
-     d2m_stream_avx2},
+     {0, 0, 0, D2M_ACT_Q | D2M_ACT_PAIRS8, D2M_ACT_Q | D2M_ACT_Q4}, d2m_act_prepare_avx512, d2m_stream_avx2},
 #endif
 #if defined(D2M_HAVE_AVX2)
     {"avx2", cpu_avx2,
      {d2m_dot_f32_avx2, d2m_dot_f16_avx2, d2m_dot_bf16_avx2, d2m_dot_q8_avx2, d2m_dot_q4g_avx2},
-     d2m_stream_avx2},
+     {0, 0, 0, D2M_ACT_Q, D2M_ACT_Q | D2M_ACT_PAIRS8}, d2m_act_prepare_portable, d2m_stream_avx2},
 #endif
 #if defined(D2M_HAVE_DOTPROD)
     {"neon_dotprod", cpu_dotprod,
      {d2m_dot_f32_neon, d2m_dot_f16_neon, d2m_dot_bf16_neon, d2m_dot_q8_dotprod, d2m_dot_q4g_dotprod},
-     d2m_stream_neon},
+     {0, 0, 0, D2M_ACT_Q, D2M_ACT_Q}, d2m_act_prepare_portable, d2m_stream_neon},
 #endif
 #if defined(D2M_HAVE_NEON)
     {"neon", cpu_neon,
      {d2m_dot_f32_neon, d2m_dot_f16_neon, d2m_dot_bf16_neon, d2m_dot_q8_neon, d2m_dot_q4g_neon},
-     d2m_stream_neon},
+     {0, 0, 0, D2M_ACT_Q, D2M_ACT_Q}, d2m_act_prepare_portable, d2m_stream_neon},
 #endif
     {"scalar", cpu_any,
      {d2m_dot_f32_scalar, d2m_dot_f16_scalar, d2m_dot_bf16_scalar, d2m_dot_q8_scalar, d2m_dot_q4g_scalar},
-     d2m_stream_scalar},
+     {0, 0, 0, D2M_ACT_Q, D2M_ACT_Q}, d2m_act_prepare_portable, d2m_stream_scalar},
 };
 
 #define N_PATHS ((int)(sizeof PATHS / sizeof PATHS[0]))

@@ -33,6 +33,11 @@ static int gate_up_quantized(const d2m_mlp *e) {
     return d2m_is_quantized(e->gate.format) || d2m_is_quantized(e->up.format);
 }
 
+/* what the path's gate and up kernels read of x (D2M_ACT_* bits; 0 for float formats) */
+static unsigned gate_up_reads(const d2m_path *path, const d2m_mlp *e) {
+    return (unsigned)path->reads[e->gate.format] | (unsigned)path->reads[e->up.format];
+}
+
 /* Pass 1 over the rows of one expert: a[t][r] = silu(gate_r x_t) * (up_r x_t), into g. */
 typedef struct pass1 {
     const d2m_mlp *e;
@@ -120,7 +125,7 @@ int d2m_expert(float *y, const d2m_mlp *e, const float *x, int n_tok, const floa
     const int F = e->gate.rows, H = e->gate.cols;
     void *cursor = d2m_align64(scratch);
     d2m_acts xin;
-    d2m_acts_prepare(&xin, x, H, n_tok, gate_up_quantized(e), &cursor);
+    d2m_acts_prepare(&xin, x, H, n_tok, gate_up_reads(ctx->path, e), ctx->path, &cursor);
     float *g = (float *)cursor;
     float *u = (float *)((char *)g + round64((size_t)n_tok * F * sizeof(float)));
     cursor = (char *)u + round64((size_t)n_tok * F * sizeof(float));
@@ -135,7 +140,7 @@ int d2m_expert(float *y, const d2m_mlp *e, const float *x, int n_tok, const floa
     p2.n_terms = 1;
     p2.down[0] = &e->down;
     p2.dot[0] = path->dot[e->down.format];
-    d2m_acts_prepare(&p2.a[0], g, F, n_tok, d2m_is_quantized(e->down.format), &cursor);
+    d2m_acts_prepare(&p2.a[0], g, F, n_tok, path->reads[e->down.format], path, &cursor);
     p2.weight[0] = 1.0f;
     p2.tok_weights = tok_weights;
     p2.accumulate = accumulate != 0;
@@ -197,25 +202,26 @@ int d2m_experts_topk(float *y, const d2m_mlp *experts, int n_experts, const int3
         if (ids[j] < 0 || ids[j] >= n_experts)
             return D2M_ERR_SIZE;
     const int H = experts[ids[0]].gate.cols;
-    int any_quantized = 0, F = 0;
+    int F = 0;
     for (int i = 0; i < n_experts; i++) {
         const d2m_mlp *e = &experts[i];
-        any_quantized |= gate_up_quantized(e) || d2m_is_quantized(e->down.format);
         F = e->gate.rows > F ? e->gate.rows : F;
     }
     for (int j = 0; j < k; j++)
         if (experts[ids[j]].gate.cols != H)
             return D2M_ERR_SIZE;
 
-    /* the same layout d2m_topk_scratch_bytes sized: x quantised, then per expert g, u, a quantised */
+    /* within the layout d2m_topk_scratch_bytes sized: x quantised (if a kernel reads it), then per
+     * expert g, u, a quantised */
     void *cursor = d2m_align64(scratch);
     d2m_acts xin;
-    d2m_acts_prepare(&xin, x, H, 1, 0, &cursor);
-    d2m_acts xq = xin;
-    if (any_quantized) {
-        d2m_acts_prepare(&xq, x, H, 1, 1, &cursor);
-    }
     const d2m_path *path = ctx->path;
+    d2m_acts_prepare(&xin, x, H, 1, 0, path, &cursor);
+    d2m_acts xq;
+    unsigned x_reads = 0;  /* what the chosen experts' gate and up kernels read of x */
+    for (int j = 0; j < k; j++)
+        x_reads |= gate_up_reads(path, &experts[ids[j]]);
+    d2m_acts_prepare(&xq, x, H, 1, x_reads, path, &cursor);
     topk_pass1 p1;
     p1.k = k;
     p1.total_chunks = 0;
@@ -245,7 +251,7 @@ int d2m_experts_topk(float *y, const d2m_mlp *experts, int n_experts, const int3
         const d2m_mlp *e = &experts[ids[j]];
         p2.down[j] = &e->down;
         p2.dot[j] = path->dot[e->down.format];
-        d2m_acts_prepare(&p2.a[j], p1.part[j].g, e->down.cols, 1, d2m_is_quantized(e->down.format), &cursor);
+        d2m_acts_prepare(&p2.a[j], p1.part[j].g, e->down.cols, 1, path->reads[e->down.format], path, &cursor);
         p2.weight[j] = weights[j];
     }
     p2.tok_weights = NULL;

@@ -57,8 +57,10 @@ int d2m_chunk_rows(const d2m_ctx *ctx, const d2m_matrix *w) {
     return n < 1 ? 1 : n > (size_t)w->rows ? w->rows : (int)n;
 }
 
-/* Activations of n_tok tokens [n_tok][cols]; for the integer formats quantised into scratch. */
-void d2m_acts_prepare(d2m_acts *acts, const float *x, int cols, int n_tok, int quantize, void **scratch) {
+/* Activations of n_tok tokens [n_tok][cols]; for the integer formats quantised into scratch, in
+ * the layouts `reads` names (the others are left NULL, so a kernel reading one would fail loudly). */
+void d2m_acts_prepare(d2m_acts *acts, const float *x, int cols, int n_tok, unsigned reads,
+                      const d2m_path *path, void **scratch) {
     acts->x = x;
     acts->ldx = cols;
     acts->n_tok = n_tok;
@@ -68,7 +70,7 @@ void d2m_acts_prepare(d2m_acts *acts, const float *x, int cols, int n_tok, int q
     acts->q4x = NULL;
     acts->q4neg = NULL;
     acts->ldq = acts->ldd = acts->ldp = acts->ldq4x = acts->ldq4n = 0;
-    if (!quantize)
+    if (!reads)
         return;
     const int nblk = d2m_act_blocks(cols);
     int8_t *q = (int8_t *)*scratch;
@@ -78,21 +80,24 @@ void d2m_acts_prepare(d2m_acts *acts, const float *x, int cols, int n_tok, int q
     int8_t *q4x = (int8_t *)((char *)p + round64((size_t)n_tok * (size_t)nblk * 16 * sizeof(int16_t)));
     int32_t *q4neg = (int32_t *)((char *)q4x + round64((size_t)n_tok * (size_t)nquad * 128));
     for (int t = 0; t < n_tok; t++) {
-        int8_t *qt = q + (size_t)t * nblk * D2M_QBLOCK;
-        d2m_quantize_act_row(qt, d + (size_t)t * nblk, x + (size_t)t * cols, cols);
-        d2m_act_pairs8(p + (size_t)t * nblk * 16, qt, cols);
-        d2m_act_q4_split(q4x + (size_t)t * nquad * 128, q4neg + (size_t)t * nquad * 16, qt, cols);
+        const d2m_act_buf buf = {q + (size_t)t * nblk * D2M_QBLOCK, d + (size_t)t * nblk, p + (size_t)t * nblk * 16,
+                                 q4x + (size_t)t * nquad * 128, q4neg + (size_t)t * nquad * 16};
+        path->prepare(&buf, x + (size_t)t * cols, cols, reads);
     }
     acts->q = q;
     acts->d = d;
-    acts->pairs8 = p;
     acts->ldq = nblk * D2M_QBLOCK;
     acts->ldd = nblk;
-    acts->ldp = nblk * 16;
-    acts->q4x = q4x;
-    acts->q4neg = q4neg;
-    acts->ldq4x = nquad * 128;
-    acts->ldq4n = nquad * 16;
+    if (reads & D2M_ACT_PAIRS8) {
+        acts->pairs8 = p;
+        acts->ldp = nblk * 16;
+    }
+    if (reads & D2M_ACT_Q4) {
+        acts->q4x = q4x;
+        acts->q4neg = q4neg;
+        acts->ldq4x = nquad * 128;
+        acts->ldq4n = nquad * 16;
+    }
     *scratch = (char *)q4neg + round64((size_t)n_tok * (size_t)nquad * 16 * sizeof(int32_t));
 }
 
@@ -178,7 +183,7 @@ int d2m_gemv(float *y, const d2m_matrix *w, const float *x, int n_tok, float alp
         return D2M_ERR_SCRATCH;
     void *cursor = scratch ? d2m_align64(scratch) : NULL;
     d2m_acts acts;
-    d2m_acts_prepare(&acts, x, w->cols, n_tok, d2m_is_quantized(w->format), &cursor);
+    d2m_acts_prepare(&acts, x, w->cols, n_tok, ctx->path->reads[w->format], ctx->path, &cursor);
     gemv_job job = {y, w, ctx->path->dot[w->format], &acts, alpha, accumulate != 0, d2m_chunk_rows(ctx, w)};
     const int n_chunks = (w->rows + job.chunk_rows - 1) / job.chunk_rows;
     d2m_run(ctx, gemv_task, &job, n_chunks, d2m_matrix_bytes(w));

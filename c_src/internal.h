@@ -32,10 +32,31 @@ typedef void (*d2m_dot_fn)(float *out, const d2m_matrix *w, int r0, int r1, cons
  * path can. */
 typedef uint64_t (*d2m_stream_fn)(const uint64_t *p, size_t n);
 
+/* What a dot kernel reads of a token's activation besides x: bits of d2m_path.reads. */
+#define D2M_ACT_Q 1u       /* q, d: the quantised activation (spec/kernels.md §3) */
+#define D2M_ACT_PAIRS8 2u  /* pairs8 */
+#define D2M_ACT_Q4 4u      /* q4x, q4neg */
+
+/* Where one token's quantised activation is written; each array as d2m_act describes it. */
+typedef struct d2m_act_buf {
+    int8_t *q;
+    float *d;
+    int16_t *pairs8;
+    int8_t *q4x;
+    int32_t *q4neg;
+} d2m_act_buf;
+
+/* Quantise x [cols] into q, d and the layouts `reads` names (D2M_ACT_* bits; buffers of layouts
+ * not named are left alone).  Every path's function writes the same bytes as the portable one
+ * (d2m_act_prepare_portable, quant_act.c): only the speed differs. */
+typedef void (*d2m_prepare_fn)(const d2m_act_buf *out, const float *x, int cols, unsigned reads);
+
 typedef struct d2m_path {
     const char *name;
     int (*supported)(void);     /* compiled without special flags: safe to call on any CPU */
     d2m_dot_fn dot[5];          /* indexed by D2M_F32 ... D2M_Q4G */
+    unsigned char reads[5];     /* D2M_ACT_* bits each dot kernel reads (0: x only) */
+    d2m_prepare_fn prepare;
     d2m_stream_fn stream;
 } d2m_path;
 
@@ -70,6 +91,7 @@ void d2m_dot_q4g_avx2(float *out, const d2m_matrix *w, int r0, int r1, const d2m
 uint64_t d2m_stream_avx2(const uint64_t *p, size_t n);
 #endif
 #ifdef D2M_HAVE_AVX512
+void d2m_act_prepare_avx512(const d2m_act_buf *out, const float *x, int cols, unsigned reads);
 void d2m_dot_f16_avx512(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
 void d2m_dot_bf16_avx512(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
 void d2m_dot_q8_avx512(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
@@ -117,6 +139,7 @@ static inline d2m_q4g_row d2m_q4g_row_at(const d2m_matrix *w, int row) {
     return r;
 }
 void d2m_quantize_act_row(int8_t *xq, float *xd, const float *x, int cols);
+void d2m_act_prepare_portable(const d2m_act_buf *out, const float *x, int cols, unsigned reads);
 /* pairs8[i] = 8 * (xq[2i] + xq[2i+1]) for the nblk*16 column pairs of a quantised row */
 void d2m_act_pairs8(int16_t *pairs8, const int8_t *xq, int cols);
 int d2m_act_quads(int cols);    /* ceil(cols / 128) */
@@ -143,8 +166,10 @@ int d2m_is_quantized(int format);
 void *d2m_align64(void *p);
 /* scratch bytes of the quantised activations of n_tok tokens of `cols` features */
 size_t d2m_acts_bytes(int cols, int n_tok);
-/* Fill acts for x [n_tok][cols]; quantize: quantise into *scratch (64-aligned) and advance it. */
-void d2m_acts_prepare(d2m_acts *acts, const float *x, int cols, int n_tok, int quantize, void **scratch);
+/* Fill acts for x [n_tok][cols]; reads != 0 (D2M_ACT_* bits of the kernels that will read it):
+ * quantise with path->prepare into *scratch (64-aligned, d2m_acts_bytes) and advance it. */
+void d2m_acts_prepare(d2m_acts *acts, const float *x, int cols, int n_tok, unsigned reads,
+                      const d2m_path *path, void **scratch);
 /* y[t*ldy + r] = (accumulate ? y : 0) + alpha_t * dot(W[r], x_t) for rows [r0, r1), every token;
  * alpha_t = alphas[t], or alpha when alphas is NULL.  The one place a dot becomes an output. */
 void d2m_rows(float *y, int ldy, const d2m_matrix *w, d2m_dot_fn dot, int r0, int r1,

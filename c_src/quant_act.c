@@ -94,6 +94,14 @@ void d2m_act_q4_split(int8_t *q4x, int32_t *q4neg, const int8_t *xq, int cols) {
     }
 }
 
+void d2m_act_prepare_portable(const d2m_act_buf *out, const float *x, int cols, unsigned reads) {
+    d2m_quantize_act_row(out->q, out->d, x, cols);
+    if (reads & D2M_ACT_PAIRS8)
+        d2m_act_pairs8(out->pairs8, out->q, cols);
+    if (reads & D2M_ACT_Q4)
+        d2m_act_q4_split(out->q4x, out->q4neg, out->q, cols);
+}
+
 int d2m_quantize_act(int8_t *xq, float *xd, const float *x, int cols) {
     if (!xq || !xd || !x)
         return D2M_ERR_NULL;

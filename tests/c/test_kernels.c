@@ -6,6 +6,7 @@
  *   - each path is within gamma(C+4) * sum |w^||x^| of the exact dot product (spec/kernels.md §4),
  *     and bit-identical across thread counts;
  *   - y += a.W.x is y + a*(W.x); the top-k call equals k single expert calls bit for bit;
+ *   - every path quantises an activation into the same bytes as the portable code;
  *   - every entry point refuses NULL pointers, bad sizes, formats and short scratch with a status.
  * Prints one line per failure and closes with "N passed, M failed"; exit status 1 on any failure.
  * Usage: test_kernels [cases per path]   (default 300) */
@@ -291,6 +292,61 @@ static void topk_case(const char *path) {
 }
 
 /* ---- what the entry points refuse ---- */
+/* ---- activation quantisation: every path's prepare writes the portable bytes ---- */
+static float awkward_value(void) {
+    switch (uniform_int(0, 9)) {
+    case 0:
+        return 0.0f;
+    case 1: /* a tie for x·(127/amax): k + 1/2 steps of amax/127 */
+        return (float)(uniform_int(-127, 126) + 0.5) / 127.0f;
+    case 2:
+        return ldexpf(uniform(), -130); /* subnormal: amax too small, d = 0 */
+    case 3:
+        return ldexpf(uniform(), uniform_int(-60, 60));
+    case 4:
+        return uniform_int(0, 40) == 0 ? (uniform_int(0, 1) ? NAN : -INFINITY) : uniform();
+    default:
+        return uniform() * 3.0f;
+    }
+}
+
+static void prepare_case(const char *path_name) {
+    int status;
+    const d2m_path *path = d2m_find_path(path_name, &status);
+    CHECK(path != NULL, "path %s", path_name);
+    if (!path)
+        return;
+    const int cols = uniform_int(1, 700), nblk = d2m_act_blocks(cols), nquad = d2m_act_quads(cols);
+    float *x = (float *)malloc((size_t)cols * 4);
+    const int mode = uniform_int(0, 2); /* plain, awkward values, whole zero blocks */
+    for (int c = 0; c < cols; c++)
+        x[c] = mode == 1 ? awkward_value() : mode == 2 && (c / 32) % 2 ? 0.0f : uniform() * 2.0f;
+    d2m_act_buf got[2];
+    void *mem[2];
+    const size_t sizes[5] = {(size_t)nblk * 32, (size_t)nblk * 4, (size_t)nblk * 32, (size_t)nquad * 128,
+                             (size_t)nquad * 64};
+    for (int k = 0; k < 2; k++) {
+        mem[k] = calloc(1, sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4] + 5 * 64);
+        char *at = (char *)d2m_align64(mem[k]);
+        got[k].q = (int8_t *)at;
+        got[k].d = (float *)(at = (char *)d2m_align64(at + sizes[0]));
+        got[k].pairs8 = (int16_t *)(at = (char *)d2m_align64(at + sizes[1]));
+        got[k].q4x = (int8_t *)(at = (char *)d2m_align64(at + sizes[2]));
+        got[k].q4neg = (int32_t *)d2m_align64(at + sizes[3]);
+    }
+    const unsigned all = D2M_ACT_Q | D2M_ACT_PAIRS8 | D2M_ACT_Q4;
+    d2m_act_prepare_portable(&got[0], x, cols, all);
+    path->prepare(&got[1], x, cols, all);
+    CHECK(memcmp(got[0].q, got[1].q, sizes[0]) == 0, "%s: q differs from portable, %d cols", path_name, cols);
+    CHECK(memcmp(got[0].d, got[1].d, sizes[1]) == 0, "%s: d differs from portable, %d cols", path_name, cols);
+    CHECK(memcmp(got[0].pairs8, got[1].pairs8, sizes[2]) == 0, "%s: pairs8 differs, %d cols", path_name, cols);
+    CHECK(memcmp(got[0].q4x, got[1].q4x, sizes[3]) == 0, "%s: q4x differs, %d cols", path_name, cols);
+    CHECK(memcmp(got[0].q4neg, got[1].q4neg, sizes[4]) == 0, "%s: q4neg differs, %d cols", path_name, cols);
+    free(mem[0]);
+    free(mem[1]);
+    free(x);
+}
+
 static void refusals(void) {
     d2m_ctx *ctx = context(NULL, 2);
     float w[32] = {0}, x[8] = {0}, y[4] = {0};
@@ -339,6 +395,8 @@ int main(int argc, char **argv) {
             gemv_case(path);
         for (int c = 0; c < cases / 4; c++)
             topk_case(path);
+        for (int c = 0; c < cases; c++)
+            prepare_case(path);
     }
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
