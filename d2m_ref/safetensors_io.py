@@ -57,6 +57,7 @@ DTYPES: dict[str, np.dtype] = {
 _DTYPE_NAMES: dict[np.dtype, str] = {dt: name for name, dt in DTYPES.items() if name != "BF16"}
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's own limit; real headers are < 10 MB
+DATA_ALIGN = 64  # what save / save_streaming align the data section and whole-line tensors to
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -609,7 +610,7 @@ def save_streaming(
     """Write a file from (name, dtype string, shape) specs, calling produce(name) once per tensor.
 
     produce(name) returns the tensor in its storage dtype (BF16 as uint16 bits); it is called in
-    data order (widest itemsize first, spec order within a width) and its result is dropped right
+    data order (see _layout: whole 64-byte multiples first, then widest itemsize first; spec order within a width) and its result is dropped right
     after writing, so a multi-GB checkpoint never sits in memory. A result of the wrong dtype or
     shape raises WeightsError naming the tensor. Same overwrite and atomic rules as `save`.
     """
@@ -691,14 +692,19 @@ def _layout(
 ) -> list[tuple[str, str, tuple[int, ...], int, int]]:
     """(name, dtype, shape) specs -> (name, dtype, shape, begin, end) in data order.
 
-    Sorted by itemsize, widest first (stable, so the caller's order is kept within one width):
-    with the data section starting at a multiple of 8, every tensor then starts at a multiple of
-    its own itemsize with no gaps. Putting *every* tensor on a multiple of 8 would need gaps, and
-    the reference implementation rejects gaps between tensors.
+    With the data section starting at a multiple of DATA_ALIGN (64, a cache line), tensors whose
+    size is a multiple of 64 bytes come first and so all start on a cache line (the C kernels read
+    a weight row per 64-byte load: a row split over two lines measured 10-20 % slower); the others
+    follow, widest itemsize first, so every tensor starts at a multiple of its own itemsize.  Both
+    groups keep the caller's order within one itemsize.  Aligning *every* tensor would need gaps,
+    and the reference implementation rejects gaps between tensors.
     """
-    ordered = sorted(specs, key=lambda s: -DTYPES[s[1]].itemsize)
+    def key(spec: tuple[str, str, tuple[int, ...]]) -> tuple[bool, int]:
+        itemsize = DTYPES[spec[1]].itemsize
+        return (math.prod(spec[2]) * itemsize) % DATA_ALIGN != 0, -itemsize
+
     placed, offset = [], 0
-    for name, dtype, shape in ordered:
+    for name, dtype, shape in sorted(specs, key=key):
         size = math.prod(shape) * DTYPES[dtype].itemsize
         placed.append((name, dtype, shape, offset, offset + size))
         offset += size
@@ -706,7 +712,8 @@ def _layout(
 
 
 def _header_bytes(placed, metadata: dict[str, str] | None) -> bytes:
-    """Length prefix + JSON header, padded with spaces so the data starts at a multiple of 8."""
+    """Length prefix + JSON header, padded with spaces so the data starts at a multiple of
+    DATA_ALIGN."""
     header: dict[str, object] = {
         name: {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
         for name, dtype, shape, begin, end in placed
@@ -715,7 +722,7 @@ def _header_bytes(placed, metadata: dict[str, str] | None) -> bytes:
         header["__metadata__"] = metadata
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     data = text.encode("utf-8")
-    data += b" " * (-len(data) % 8)
+    data += b" " * (-(8 + len(data)) % DATA_ALIGN)
     return struct.pack("<Q", len(data)) + data
 
 

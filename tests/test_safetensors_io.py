@@ -210,19 +210,28 @@ def test_names_in_file_order(tmp_path):
 
 
 def test_save_layout_is_aligned_and_gapless(tmp_path):
-    """Data starts at a multiple of 8; each tensor starts at a multiple of its itemsize; no gaps."""
-    arrays = {"h": sample("F16", (3,)), "b": sample("U8", (5,)), "d": sample("F64", (1,)), "f": sample("F32", (3,))}
+    """Data starts at a multiple of 64; each tensor starts at a multiple of its itemsize, and on a
+    64-byte boundary when its size is a multiple of 64 bytes; no gaps; the safetensors package
+    reads it back."""
+    arrays = {"h": sample("F16", (3,)), "b": sample("U8", (5,)), "d": sample("F64", (1,)), "f": sample("F32", (3,)),
+              "line": sample("U8", (64,)), "lines": sample("F16", (2, 64)), "odd": sample("F32", (5,)),
+              "q": sample("U8", (3, 128))}
     path = tmp_path / "a.safetensors"
     sio.save(path, arrays)
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    assert (8 + n) % 8 == 0
+    assert (8 + n) % 64 == 0
     header = json.loads(raw[8 : 8 + n])
     spans = sorted(tuple(e["data_offsets"]) for e in header.values())
     assert spans[0][0] == 0 and spans[-1][1] == len(raw) - 8 - n
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     for name, e in header.items():
-        assert (8 + n + e["data_offsets"][0]) % arrays[name].dtype.itemsize == 0, name
+        start = 8 + n + e["data_offsets"][0]
+        assert start % arrays[name].dtype.itemsize == 0, name
+        assert start % 64 == 0 or arrays[name].nbytes % 64 != 0, name
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    back = safetensors_numpy.load_file(str(path))
+    assert all(back[k].tobytes() == v.tobytes() and back[k].shape == v.shape for k, v in arrays.items())
 
 
 def test_save_big_endian_and_non_contiguous(tmp_path):
