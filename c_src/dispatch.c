@@ -180,7 +180,7 @@ int d2m_ctx_create(d2m_ctx **out, const char *path, int threads) {
     ctx->path = p;
     ctx->threads = threads;
     ctx->parallel_min_bytes = D2M_DEFAULT_PARALLEL_MIN_BYTES;
-    ctx->chunk_bytes = D2M_DEFAULT_CHUNK_BYTES;
+    ctx->chunk_bytes = 0;  /* by matrix size */
     if (threads > 1 && (status = d2m_pool_create(&ctx->pool, threads)) != D2M_OK) {
         free(ctx);
         return status;

@@ -52,8 +52,13 @@ size_t d2m_matrix_bytes(const d2m_matrix *w) {
 }
 
 int d2m_chunk_rows(const d2m_ctx *ctx, const d2m_matrix *w) {
-    const size_t row_bytes = d2m_matrix_bytes(w) / (size_t)w->rows;
-    const size_t n = ctx->chunk_bytes / (row_bytes ? row_bytes : 1);
+    const size_t bytes = d2m_matrix_bytes(w), row_bytes = bytes / (size_t)w->rows;
+    size_t target = ctx->chunk_bytes;
+    if (target == 0) {
+        target = bytes / (4 * (size_t)ctx->threads);
+        target = target < D2M_CHUNK_MIN_BYTES ? D2M_CHUNK_MIN_BYTES : target > D2M_CHUNK_MAX_BYTES ? D2M_CHUNK_MAX_BYTES : target;
+    }
+    const size_t n = target / (row_bytes ? row_bytes : 1);
     return n < 1 ? 1 : n > (size_t)w->rows ? w->rows : (int)n;
 }
 

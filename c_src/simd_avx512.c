@@ -127,9 +127,8 @@ static inline __m512 load_scales(const uint16_t *p, int shift) {
  * loaded once and kept in a register (the empty asm): folded into both the AND and the shift, it
  * was read twice, and on rows not 64-byte aligned every read splits over two cache lines (a
  * NumPy array's data starts 16 bytes into a line): 33 → 41 GB/s on such rows. */
-#define Q4_ROWS 4
-#define PF_Q8 8192
-#define PREFETCH_WIDE 8192
+#define Q4_ROWS 2
+#define Q4_PAIR_MAX_BLOCKS 64  /* rows of at most 2048 columns are formed in pairs */
 #define PREFETCH_Q4 8192
 
 static inline __attribute__((always_inline)) void q4g_rows(float *out, const d2m_matrix *w, int row,
@@ -210,8 +209,9 @@ static inline __attribute__((always_inline)) void q4g_rows(float *out, const d2m
 
 void d2m_dot_q4g_avx512(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x) {
     int r = r0;
-    for (; r + Q4_ROWS <= r1; r += Q4_ROWS)
-        q4g_rows(out + (r - r0), w, r, x, Q4_ROWS);
+    if (d2m_act_blocks(w->cols) <= Q4_PAIR_MAX_BLOCKS)
+        for (; r + Q4_ROWS <= r1; r += Q4_ROWS)
+            q4g_rows(out + (r - r0), w, r, x, Q4_ROWS);
     for (; r < r1; r++)
         q4g_rows(out + (r - r0), w, r, x, 1);
 }
@@ -220,9 +220,11 @@ void d2m_dot_q4g_avx512(float *out, const d2m_matrix *w, int r0, int r1, const d
 
 /* 16-lane FMA over 4 accumulators (64 columns a step).  With 512-bit vectors the widening
  * (VCVTPH2PS / zero extension and shift) costs half the instructions of the AVX2 unit's loop, which
- * was close to compute-bound at DRAM speed.  The non-temporal prefetch 2 KiB ahead is the AVX2
- * unit's (weights are read once; NTA keeps x in L1): measured here neutral on 1 thread and +5-15 %
- * on 2 threads, where the two threads share a core's L1. */
+ * was close to compute-bound at DRAM speed.  Non-temporal prefetch PREFETCH_WIDE bytes ahead
+ * (weights are read once; NTA keeps x in L1): measured here, on a cold set of 256 MiB, 2 KiB
+ * ahead 34.8-38.3 GB/s on 1 thread, 8 KiB 41.1-44.2 (the streaming read: 42-44). */
+#define PREFETCH_WIDE 8192
+
 /* float32 [16] from 16 f16 / bf16 weights */
 static inline __m512 load16_f16(const uint16_t *p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
@@ -270,6 +272,10 @@ static inline __m512 load2(const float *d) {
     return _mm512_castps128_ps512(_mm_castpd_ps(_mm_set_sd(two)));
 }
 
+/* the weight stream prefetched into L1 this far ahead (8 KiB measured 43-46 GB/s on 1 thread,
+ * without 34-37, 4 KiB 40-41; the streaming read: 42-44) */
+#define PREFETCH_Q8 8192
+
 static inline float q8_row(const d2m_matrix *w, int row, const d2m_act *x) {
     const int cols = w->cols;
     const int8_t *q = (const int8_t *)w->data + (size_t)row * (size_t)cols;
@@ -282,7 +288,7 @@ static inline float q8_row(const d2m_matrix *w, int row, const d2m_act *x) {
     int b = 0;
 #define Q8_PAIR(ACC, B)                                                                           \
     do {                                                                                          \
-        _mm_prefetch((const char *)(q + (size_t)(B) * 32) + PF_Q8, _MM_HINT_T0);                  \
+        _mm_prefetch((const char *)(q + (size_t)(B) * 32) + PREFETCH_Q8, _MM_HINT_T0);                  \
         const __m512i u_ = _mm512_xor_si512(_mm512_loadu_si512((const void *)(q + (size_t)(B) * 32)), bias); \
         const __m512i c_ = _mm512_madd_epi16(_mm512_loadu_si512((const void *)(x->pairs8 + (size_t)(B) * 16)), minus16); \
         const __m512i lanes_ = _mm512_dpbusd_epi32(c_, u_, _mm512_loadu_si512((const void *)(x->q + (size_t)(B) * 32))); \

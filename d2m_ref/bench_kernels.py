@@ -2,22 +2,28 @@
 against NumPy doing the same job.  Ratios, measured in the same run; never used by tests.
 
     python -m d2m_ref.bench gemv   [--formats f32,f16,...] [--shapes 4864x896,...] [--threads 1,all]
-                                   [--seconds S] [--path P] [--json PATH]
+                                   [--seconds S] [--rounds N] [--offset B] [--path P] [--json PATH]
     python -m d2m_ref.bench decode [--formats ...] [--groups N] [--tokens N] [--threads 1,all]
-                                   [--numpy-tokens N] [--path P] [--json PATH]
+                                   [--rounds N] [--numpy-tokens N] [--dir D] [--path P] [--json PATH]
 
-gemv: reads this machine's bandwidth with the C streaming loop (`measure_bandwidth`), then times
-each format's GEMV over a cold working set (distinct matrices filling at least 4× the last-level
-cache, visited in turn, so every call streams its weights from DRAM) at expert-sized shapes, on
-1 and all threads.  Prints GB/s of weight bytes read, % of bandwidth, and the ratio to NumPy's
-reference kernel (NumpyKernels.linear: convert, then BLAS) on the same matrices.
+gemv: times each format's GEMV over a cold working set (distinct matrices filling as much memory
+as the bandwidth measurement reads: 4× the last-level cache and at least 256 MiB, visited in
+turn, so every call streams its weights from DRAM) at expert-sized shapes, on 1 and all threads.
+Each matrix starts on a 64-byte boundary, as in a checkpoint d2m_ref writes (spec/format.md
+§1.1); `--offset B` starts them B bytes past one instead, as a file written elsewhere may.
+Prints GB/s of weight bytes read, % of bandwidth, and the ratio to NumPy's reference kernel
+(NumpyKernels.linear: convert, then BLAS) on the same matrices.
 
 decode: tokens/s of a Qwen2.5-0.5B-shaped Dense2MoE (random weights) on the C and NumPy paths,
-float32 compute, beside its roofline bound: measured bandwidth / bytes of weights read per token.
+float32 compute, beside its roofline bound: bandwidth / bytes of weights read per token.  Each
+format's model is written to a checkpoint (`quantize` for the integer formats) and loaded
+memory-mapped, as `python -m d2m_ref.run --weights` does.
 
-Timings on a shared machine are noisy; numpy's OpenBLAS honours OPENBLAS_CORETYPE, which may be
-set to an older kernel on this workplace: for a fair comparison run the command with
-`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` (the output says which kernel it ran).
+The machines here are shared, so bandwidth and kernel are measured in alternation, `--rounds`
+times, and each keeps its best: a quiet moment helps both alike.  The bandwidth is this
+machine's read rate by the C streaming loop (`measure_bandwidth`).  numpy's OpenBLAS honours
+OPENBLAS_CORETYPE, which may be set to an older kernel on this workplace: for a fair comparison
+run with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` (the output says which kernel it ran).
 """
 
 from __future__ import annotations
@@ -27,17 +33,20 @@ import contextlib
 import json
 import math
 import os
-import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import ckernels, quant
+from . import ckernels, cli, quant
+from .config import parse_config
+from .errors import InputError
+from .files import atomic_write_bytes, refuse_existing
 from .kernels import NumpyKernels
 from .synth import to_storage
-from .weights import Param
+from .weights import METADATA_CONFIG_KEY, Param
 
 FORMAT_STORAGE = {"f32": "F32", "f16": "F16", "bf16": "BF16", **quant.FORMATS}
 DEFAULT_SHAPES = ("4864x896", "896x4864", "8960x1536")
@@ -77,30 +86,44 @@ def _aligned(nbytes: int) -> np.ndarray:
     return raw[off:off + nbytes]
 
 
-def measure_bandwidth(threads: int = 1, nbytes: int | None = None, repeats: int = 5) -> float:
-    """Streaming read bandwidth in GB/s (1e9 bytes/s): the best of `repeats` full reads of a buffer
-    of `nbytes` (default: 4× the last-level cache, at least 256 MiB) by the C streaming loop of
-    the best kernel path on `threads` threads.  Without the C extension: NumPy summing the buffer
-    (a lower bound: its loop does more than read)."""
-    nbytes = nbytes or max(4 * last_level_cache_bytes(), 256 << 20)
-    nbytes -= nbytes % (1 << 20) or 0
-    buf = _aligned(nbytes)
-    buf[...] = 1  # touch every page before timing
-    best = 0.0
-    if ckernels.available():
-        k = ckernels.CKernels(threads=threads)
-        k.tune(parallel_min_bytes=0, chunk_bytes=1 << 16)
+def cold_bytes() -> int:
+    """Bytes a cold working set spans: 4× the last-level cache, at least 256 MiB, whole MiB (AMD's
+    L3 keeps part of a cyclically read set 4× its size: 128 MiB of matrices measured up to 10 %
+    faster than DRAM here)."""
+    n = max(4 * last_level_cache_bytes(), 256 << 20)
+    return n - n % (1 << 20)
+
+
+class Bandwidth:
+    """This machine's streaming read rate in GB/s (1e9 bytes/s) on `threads` threads: full reads of
+    a cold_bytes() buffer by the C streaming loop of the best kernel path; `best` keeps the fastest
+    read since it was last set to 0.  Without the C extension: NumPy summing the buffer (a lower
+    bound)."""
+
+    def __init__(self, threads: int = 1, nbytes: int | None = None):
+        self.nbytes = nbytes or cold_bytes()
+        self.buf = _aligned(self.nbytes)
+        self.buf[...] = 1  # touch every page before timing
+        self.kernels = None
+        if ckernels.available():
+            self.kernels = ckernels.CKernels(threads=threads)
+            self.kernels.tune(parallel_min_bytes=0, chunk_bytes=1 << 16)
+        self.best = 0.0
+
+    def measure(self, repeats: int = 2) -> float:
         for _ in range(repeats):
             t = time.perf_counter()
-            k.stream_read(buf)
-            best = max(best, nbytes / (time.perf_counter() - t) / GB)
-        return best
-    words = buf.view(np.uint64)
-    for _ in range(repeats):
-        t = time.perf_counter()
-        words.sum()
-        best = max(best, nbytes / (time.perf_counter() - t) / GB)
-    return best
+            if self.kernels is not None:
+                self.kernels.stream_read(self.buf)
+            else:
+                self.buf.view(np.uint64).sum()
+            self.best = max(self.best, self.nbytes / (time.perf_counter() - t) / GB)
+        return self.best
+
+
+def measure_bandwidth(threads: int = 1, nbytes: int | None = None, repeats: int = 5) -> float:
+    """The best of `repeats` reads (Bandwidth) in GB/s."""
+    return Bandwidth(threads, nbytes).measure(repeats)
 
 
 def numpy_blas() -> str:
@@ -144,23 +167,35 @@ def environment_note() -> str:
 # gemv
 
 
-def random_matrices(fmt: str, rows: int, cols: int, count: int, seed: int) -> list[Param]:
-    """`count` distinct [rows, cols] weights of a format, in separate memory (a cold working set)."""
+def placed(a: np.ndarray, offset: int = 0) -> np.ndarray:
+    """A copy of `a` whose data starts `offset` bytes past a 64-byte boundary."""
+    raw = np.empty(a.nbytes + 64 + offset, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def random_matrices(fmt: str, rows: int, cols: int, count: int, seed: int, offset: int = 0) -> list[Param]:
+    """`count` distinct [rows, cols] weights of a format, in separate memory (a cold working set),
+    each array starting `offset` bytes past a 64-byte boundary."""
     storage = FORMAT_STORAGE[fmt]
     rng = np.random.default_rng(seed)
     params = []
     for i in range(count):
         name = f"bench.{fmt}.{i}"
         if storage == "Q8":
-            params.append(Param.quantized(name, storage, (rows, cols), rng.integers(-127, 128, (rows, cols), np.int8),
-                                          rng.uniform(1e-3, 1e-2, rows).astype(np.float32)))
+            params.append(Param.quantized(name, storage, (rows, cols),
+                                          placed(rng.integers(-127, 128, (rows, cols), np.int8), offset),
+                                          placed(rng.uniform(1e-3, 1e-2, rows).astype(np.float32), offset)))
         elif quant.is_quantized(storage):
             (_, qshape), (_, sshape) = quant.part_specs(storage, (rows, cols))
-            params.append(Param.quantized(name, storage, (rows, cols), rng.integers(0, 256, qshape, np.uint8),
-                                          rng.uniform(1e-3, 1e-2, sshape).astype(np.float16)))
+            params.append(Param.quantized(name, storage, (rows, cols),
+                                          placed(rng.integers(0, 256, qshape, np.uint8), offset),
+                                          placed(rng.uniform(1e-3, 1e-2, sshape).astype(np.float16), offset)))
         else:
             w = rng.standard_normal((rows, cols), dtype=np.float32) / np.float32(math.sqrt(cols))
-            params.append(Param.of(name, to_storage(w, storage), storage))
+            params.append(Param.of(name, placed(to_storage(w, storage), offset), storage))
     return params
 
 
@@ -177,6 +212,8 @@ class GemvRow:
     path: str
     matrices: int
     working_set_bytes: int
+    offset: int
+    rounds: int
 
 
 def _time_calls(call, params: list[Param], seconds: float, min_rounds: int = 2) -> float:
@@ -191,59 +228,92 @@ def _time_calls(call, params: list[Param], seconds: float, min_rounds: int = 2) 
             return elapsed / calls
 
 
-def bench_gemv(fmt: str, rows: int, cols: int, threads: int, bandwidth: float, seconds: float, path: str | None,
-               llc: int, factor: float = 4.0) -> GemvRow:
-    probe = random_matrices(fmt, rows, cols, 1, 0)[0]
-    count = max(2, math.ceil(factor * llc / probe.nbytes))
-    params = [probe] + random_matrices(fmt, rows, cols, count - 1, 1)
+def bench_gemv(fmt: str, rows: int, cols: int, threads: list[int], bandwidth: dict[int, Bandwidth], seconds: float,
+               rounds: int, path: str | None, offset: int = 0) -> list[GemvRow]:
+    """One format and shape on each thread count: `rounds` alternations of a bandwidth read and
+    seconds/rounds of GEMV calls over the cold set, the best of each; then NumPy on the same set."""
+    probe = random_matrices(fmt, rows, cols, 1, 0, offset)[0]
+    count = max(2, math.ceil(cold_bytes() / probe.nbytes))
+    params = [probe] + random_matrices(fmt, rows, cols, count - 1, 1, offset)
     x = np.random.default_rng(2).standard_normal((1, cols), dtype=np.float32)
-    ck = ckernels.CKernels(path=path, threads=threads)
     y = np.empty((1, rows), np.float32)
-    ck.gemv(y, params[0], x)  # describe every matrix once, outside the timing
-    for p in params:
-        ck.gemv(y, p, x)
-    c_time = _time_calls(lambda p: ck.gemv(y, p, x), params, seconds)
-    reference = NumpyKernels()
-    with _blas_threads(threads):
-        np_time = _time_calls(lambda p: reference.linear(x, p), params, seconds / 2, min_rounds=1)
-    nbytes = probe.nbytes
-    gbps = nbytes / c_time / GB
-    np_gbps = nbytes / np_time / GB
-    return GemvRow(fmt, f"{rows}x{cols}", threads, gbps, bandwidth, gbps / bandwidth, gbps / np_gbps, np_gbps,
-                   ck.path, count, count * nbytes)
+    out = []
+    for t in threads:
+        ck = ckernels.CKernels(path=path, threads=t)
+        for p in params:  # describe every matrix once, outside the timing
+            ck.gemv(y, p, x)
+        best = math.inf
+        bandwidth[t].best = 0.0  # this row's own rounds: a quiet spell elsewhere in the run is no reference here
+        for _ in range(rounds):
+            bandwidth[t].measure()
+            best = min(best, _time_calls(lambda p: ck.gemv(y, p, x), params, seconds / rounds))
+        reference = NumpyKernels()
+        with _blas_threads(t):
+            np_time = _time_calls(lambda p: reference.linear(x, p), params, seconds / 2, min_rounds=1)
+        gbps, np_gbps, bw = probe.nbytes / best / GB, probe.nbytes / np_time / GB, bandwidth[t].best
+        out.append(GemvRow(fmt, f"{rows}x{cols}", t, gbps, bw, gbps / bw, gbps / np_gbps, np_gbps, ck.path, count,
+                           count * probe.nbytes, offset, rounds))
+    return out
 
 
 def _thread_counts(text: str) -> list[int]:
     out = []
     for part in text.split(","):
         part = part.strip()
-        n = all_threads() if part == "all" else int(part)
+        try:
+            n = all_threads() if part == "all" else int(part)
+        except ValueError:
+            raise InputError(f"--threads: {part!r} is not a number or 'all'") from None
+        if n < 1:
+            raise InputError(f"--threads: {n} must be at least 1")
         if n not in out:
             out.append(n)
     return out
 
 
+def _shapes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        try:
+            rows, cols = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise InputError(f"--shapes: {part!r} is not ROWSxCOLS") from None
+        if rows < 1 or cols < 1:
+            raise InputError(f"--shapes: {part!r} must be positive")
+        out.append((rows, cols))
+    return out
+
+
+def _write_json(path: Path | None, kind: str, rows: list[dict], force: bool) -> None:
+    if path is not None:
+        text = json.dumps({"kind": kind, "environment": environment_note(), "rows": rows}, indent=1)
+        atomic_write_bytes(path, text.encode("utf-8"), force=force)
+        print(f"wrote {path}")
+
+
+def _fmt_gemv(r: GemvRow) -> str:
+    return (f"{r.format:10} {r.shape:>10} {r.threads:>3} {r.gbps:7.1f} {r.bandwidth_gbps:7.1f} "
+            f"{100 * r.ratio_to_bandwidth:5.0f}% {r.numpy_gbps:10.2f} {r.ratio_to_numpy:8.1f}")
+
+
 def main_gemv(args: argparse.Namespace) -> int:
+    threads, shapes = _thread_counts(args.threads), _shapes(args.shapes)
+    if args.json is not None:
+        refuse_existing(args.json, args.force)  # before the work, not after it
     print(environment_note())
-    llc = last_level_cache_bytes()
+    bandwidth = {t: Bandwidth(t) for t in threads}
+    print(f"cold working set: {cold_bytes() >> 20} MiB of distinct matrices per format and shape, each starting "
+          f"{args.offset} bytes past a 64-byte boundary; {args.rounds} rounds of (bandwidth read, GEMV), best of each")
+    print(f"\n{'format':10} {'shape':>10} {'thr':>3} {'GB/s':>7} {'bw GB/s':>7} {'% bw':>6} {'numpy GB/s':>10} "
+          f"{'x numpy':>8}")
     rows_out: list[GemvRow] = []
-    threads = _thread_counts(args.threads)
-    bandwidth = {t: measure_bandwidth(t) for t in threads}
-    for t in threads:
-        print(f"read bandwidth, {t} thread{'s' if t > 1 else ''}: {bandwidth[t]:.1f} GB/s")
-    print(f"\n{'format':10} {'shape':>10} {'thr':>3} {'GB/s':>7} {'% bw':>6} {'numpy GB/s':>10} {'x numpy':>8}")
     for fmt in args.formats.split(","):
-        for shape in args.shapes.split(","):
-            rows, cols = (int(v) for v in shape.lower().split("x"))
-            for t in threads:
-                r = bench_gemv(fmt, rows, cols, t, bandwidth[t], args.seconds, args.path, llc)
+        for rows, cols in shapes:
+            for r in bench_gemv(fmt, rows, cols, threads, bandwidth, args.seconds, args.rounds, args.path,
+                                args.offset):
                 rows_out.append(r)
-                print(f"{r.format:10} {r.shape:>10} {r.threads:>3} {r.gbps:7.1f} {100 * r.ratio_to_bandwidth:5.0f}% "
-                      f"{r.numpy_gbps:10.2f} {r.ratio_to_numpy:8.1f}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"kind": "gemv", "environment": environment_note(),
-                                               "rows": [asdict(r) for r in rows_out]}, indent=1))
-        print(f"wrote {args.json}")
+                print(_fmt_gemv(r), flush=True)
+    _write_json(args.json, "gemv", [asdict(r) for r in rows_out], args.force)
     return 0
 
 
@@ -298,56 +368,79 @@ def time_decode(model, kernels, tokens: int, prompt: int = 8) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def build_models(cfg, formats: list[str], seed: int = 0):
-    """(format, model) in turn; the quantised ones from one float32 model, built once."""
-    from .quant import quantize_model
-    from .synth import random_model
-    base = None
+def write_models(cfg_dict: dict, formats: list[str], folder: Path, seed: int = 0):
+    """(format, checkpoint path) in turn, each written into `folder` as a user would make it: the
+    float formats by synth.write_checkpoint, the integer ones by `quantize` from one bf16
+    checkpoint.  Each checkpoint is deleted once the next one is asked for."""
+    from .quantize import write_quantized
+    from .synth import write_checkpoint
+    from .weights import load_model
+    meta = {METADATA_CONFIG_KEY: json.dumps(cfg_dict)}
+    cfg = parse_config(cfg_dict)
+    bf16 = None
     for fmt in formats:
         storage = FORMAT_STORAGE[fmt]
+        path = folder / f"{fmt}.safetensors"
         if quant.is_quantized(storage):
-            if base is None:
-                base = random_model(cfg, seed, "BF16")
-            yield fmt, quantize_model(base, storage)
+            if bf16 is None:
+                bf16 = write_checkpoint(cfg, folder / "bf16-source.safetensors", seed, "BF16", meta)
+            write_quantized(load_model(bf16), storage, fmt, path, False, "bench decode")
         else:
-            yield fmt, random_model(cfg, seed, storage)
+            write_checkpoint(cfg, path, seed, storage, meta)
+        yield fmt, path
+        path.unlink()
+    if bf16 is not None:
+        bf16.unlink()
 
 
 def main_decode(args: argparse.Namespace) -> int:
-    from .config import parse_config
-    print(environment_note())
-    cfg = parse_config(qwen05b_dense2moe_config(args.groups, args.group_size, args.top_k, args.vocab))
+    from .weights import load_model
     threads = _thread_counts(args.threads)
-    bandwidth = {t: measure_bandwidth(t) for t in threads}
-    for t in threads:
-        print(f"read bandwidth, {t} thread{'s' if t > 1 else ''}: {bandwidth[t]:.1f} GB/s")
+    formats = args.formats.split(",")
+    if args.json is not None:
+        refuse_existing(args.json, args.force)
+    for option, n in (("--tokens", args.tokens), ("--numpy-tokens", args.numpy_tokens), ("--rounds", args.rounds),
+                      ("--groups", args.groups), ("--group-size", args.group_size), ("--top-k", args.top_k)):
+        if n < 1:
+            raise InputError(f"{option} {n}: must be at least 1")
+    cfg_dict = qwen05b_dense2moe_config(args.groups, args.group_size, args.top_k, args.vocab)
+    cfg = parse_config(cfg_dict)
+    print(environment_note())
+    bandwidth = {t: Bandwidth(t) for t in threads}
     print(f"model: Qwen2.5-0.5B shapes as a Dense2MoE, {args.groups} layers, {args.group_size} experts top-"
-          f"{args.top_k}, vocab {args.vocab}, tied LM head (kept in the float storage by quantize)")
-    print(f"\n{'format':10} {'kernels':>8} {'thr':>3} {'MB/token':>9} {'tok/s':>8} {'bound':>8} {'% bound':>8}")
+          f"{args.top_k}, vocab {args.vocab}, tied LM head (kept in the float storage by quantize); each format "
+          f"written to a checkpoint and memory-mapped; {args.rounds} rounds of (bandwidth read, {args.tokens} C "
+          f"decode steps), best of each")
+    print(f"\n{'format':10} {'kernels':>8} {'thr':>3} {'MB/token':>9} {'tok/s':>8} {'bw GB/s':>7} {'bound':>8} "
+          f"{'% bound':>8}")
     rows = []
-    for fmt, model in build_models(cfg, args.formats.split(",")):
-        per_token = bytes_per_token(model)
-        runs = [("c", t) for t in threads] + [("numpy", max(threads))]
-        for name, t in runs:
-            if name == "c":
-                kernels = ckernels.CKernels(path=args.path, threads=t)
-                rate = time_decode(model, kernels, args.tokens)
-            else:
-                kernels = NumpyKernels()
-                with _blas_threads(t):
-                    rate = time_decode(model, kernels, args.numpy_tokens)
-            bound = bandwidth[t] * GB / per_token
-            row = {"format": fmt, "kernels": name, "threads": t, "bytes_per_token": per_token,
-                   "tokens_per_s": rate, "bound_tokens_per_s": bound, "ratio_to_bound": rate / bound,
-                   "bandwidth_gbps": bandwidth[t]}
-            rows.append(row)
-            print(f"{fmt:10} {name:>8} {t:>3} {per_token / 1e6:9.1f} {rate:8.2f} {bound:8.2f} "
-                  f"{100 * rate / bound:7.0f}%", flush=True)
-        del model
-    if args.json:
-        Path(args.json).write_text(json.dumps({"kind": "decode", "environment": environment_note(), "rows": rows},
-                                              indent=1))
-        print(f"wrote {args.json}")
+    with tempfile.TemporaryDirectory(prefix="d2m-bench-decode-", dir=args.dir) as work:
+        for fmt, path in write_models(cfg_dict, formats, Path(work)):
+            model = load_model(path)
+            if model.config != cfg:
+                raise InputError(f"{path}: the checkpoint's config is not the benchmark's")
+            per_token = bytes_per_token(model)
+            for name, t in [("c", t) for t in threads] + [("numpy", max(threads))]:
+                bandwidth[t].best = 0.0  # this row's own rounds
+                if name == "c":
+                    kernels = ckernels.CKernels(path=args.path, threads=t)
+                    rate = 0.0
+                    for _ in range(args.rounds):
+                        bandwidth[t].measure()
+                        rate = max(rate, time_decode(model, kernels, args.tokens))
+                else:
+                    with _blas_threads(t):
+                        rate = time_decode(model, NumpyKernels(), args.numpy_tokens)
+                    bandwidth[t].measure()
+                bw = bandwidth[t].best
+                bound = bw * GB / per_token
+                rows.append({"format": fmt, "kernels": name, "threads": t, "bytes_per_token": per_token,
+                             "tokens_per_s": rate, "bound_tokens_per_s": bound, "ratio_to_bound": rate / bound,
+                             "bandwidth_gbps": bw, "rounds": args.rounds if name == "c" else 1})
+                print(f"{fmt:10} {name:>8} {t:>3} {per_token / 1e6:9.1f} {rate:8.2f} {bw:7.1f} {bound:8.2f} "
+                      f"{100 * rate / bound:7.0f}%", flush=True)
+            del model
+    _write_json(args.json, "decode", rows, args.force)
     return 0
 
 
@@ -357,15 +450,25 @@ def main_decode(args: argparse.Namespace) -> int:
 def build_parser(kind: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m d2m_ref.bench {kind}",
                                      description=__doc__.split("\n\n")[0])
+    parser.set_defaults(kind=kind)
     parser.add_argument("--formats", default="f32,f16,bf16,int8,int4-g32,int4-g64,int4-g128",
                         help=f"comma-separated, of {', '.join(FORMAT_STORAGE)}")
     parser.add_argument("--threads", default="1,all", help="comma-separated thread counts; 'all' = every CPU")
     parser.add_argument("--path", default=None, help="force a C kernel path (default: the best this CPU runs)")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--json", metavar="PATH", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternations of bandwidth read and kernel timing; the best of each is kept (default 3)")
     if kind == "gemv":
         parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help="comma-separated RxC")
-        parser.add_argument("--seconds", type=float, default=1.0, help="timing budget per measurement (default 1)")
+        parser.add_argument("--seconds", type=float, default=1.5,
+                            help="C timing budget per format, shape and thread count (default 1.5)")
+        parser.add_argument("--offset", type=int, default=0,
+                            help="start every matrix this many bytes past a 64-byte boundary (default 0)")
     else:
+        parser.add_argument("--dir", type=Path, default=None,
+                            help="where the checkpoints are written (a temporary folder inside it, removed "
+                                 "afterwards; default: the system's temporary folder)")
         parser.add_argument("--groups", type=int, default=6, help="MoE layers (default 6: 24 dense layers / 4)")
         parser.add_argument("--group-size", type=int, default=4, help="experts per MoE layer (default 4)")
         parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
@@ -376,13 +479,21 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    kind = argv[0]
-    args = build_parser(kind).parse_args(argv[1:])
+    return cli.main_with_status(build_parser(argv[0]), _run, argv[1:])
+
+
+def _run(args: argparse.Namespace) -> int:
     bad = [f for f in args.formats.split(",") if f not in FORMAT_STORAGE]
     if bad:
-        print(f"error: unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMAT_STORAGE)}", file=sys.stderr)
-        return 2
+        raise InputError(f"--formats: unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMAT_STORAGE)}")
+    if args.rounds < 1:
+        raise InputError(f"--rounds {args.rounds}: must be at least 1")
     if not ckernels.available():
-        print(f"error: {ckernels.unavailable_reason()}", file=sys.stderr)
-        return 2
-    return main_gemv(args) if kind == "gemv" else main_decode(args)
+        raise InputError(ckernels.unavailable_reason())
+    if args.kind == "gemv":
+        if args.seconds <= 0:
+            raise InputError(f"--seconds {args.seconds}: must be positive")
+        if not 0 <= args.offset < 4096:
+            raise InputError(f"--offset {args.offset}: must be in [0, 4096)")
+        return main_gemv(args)
+    return main_decode(args)
