@@ -28,7 +28,7 @@ import numpy as np
 from . import cli
 from .config import parse_config
 from .errors import D2MError, InputError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, refuse_existing
 from .safetensors_io import SafetensorsFile
 from .weights import METADATA_CONFIG_KEY
 
@@ -244,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "deleted afterwards); a checkpoint there is reused when it holds the same config, and "
                    "no file there is overwritten")
     p.add_argument("--json", type=Path, help="write the rows as JSON")
+    p.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
     return p
 
 
@@ -270,6 +271,8 @@ def check_arguments(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     if args.prompt_tokens + args.decode_tokens > limit:
         raise InputError(f"--prompt-tokens {args.prompt_tokens} + --decode-tokens {args.decode_tokens} is longer than "
                          f"the {args.shape} shape allows: max_position_embeddings={limit}")
+    if args.json is not None:
+        refuse_existing(args.json, args.force)
     if args.dir is not None:
         for layout in layouts:
             reusable(layout_config(SHAPES[args.shape](), layout), args.dir / f"{args.shape}-{layout}")
@@ -307,7 +310,7 @@ def bench_command(args: argparse.Namespace) -> int:
         print()
         print(table(rows))
         if args.json:
-            args.json.write_text(json.dumps(rows, indent=1))
+            atomic_write_bytes(args.json, json.dumps(rows, indent=1).encode("utf-8"), force=args.force)
         return 0 if all(r["within_target"] for r in rows) else 1
     finally:
         if args.dir is None:

@@ -598,17 +598,62 @@ def test_bench_dispatches_to_the_kind_module(monkeypatch, capsys):
     assert call(bench.main, ["gemv", "--bad"], capsys)[:3:2] == (2, "error: --bad is bad\n")
 
 
+@pytest.mark.skipif(not c_kernels_available(), reason="C kernels not built")
+def test_bench_gemv_and_decode_rows(tmp_path, monkeypatch, capsys):
+    """Both kernel benchmarks run end to end on tiny work and write the rows the issue names; a
+    --json file already there is refused before any work, kept, and replaced with --force."""
+    from d2m_ref import bench, bench_kernels
+    monkeypatch.setattr(bench_kernels, "cold_bytes", lambda: 4 << 20)
+    out = tmp_path / "gemv.json"
+    argv = ["gemv", "--formats", "int4-g32,f16", "--shapes", "33x100", "--threads", "1,2", "--seconds", "0.02",
+            "--rounds", "1", "--offset", "16", "--json", str(out)]
+    status, text, err = call(bench.main, argv, capsys)
+    assert status == 0, err
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["format"], r["threads"]) for r in rows] == [("int4-g32", 1), ("int4-g32", 2), ("f16", 1), ("f16", 2)]
+    for r in rows:
+        assert {"format", "shape", "threads", "gbps", "bandwidth_gbps", "ratio_to_bandwidth", "ratio_to_numpy"} <= set(r)
+        assert r["shape"] == "33x100" and r["offset"] == 16 and r["gbps"] > 0 and r["bandwidth_gbps"] > 0
+        assert r["ratio_to_bandwidth"] == pytest.approx(r["gbps"] / r["bandwidth_gbps"])
+    out.write_text("mine")
+    status, text, err = call(bench.main, argv, capsys)
+    assert status == 2 and "--force" in err and out.read_text() == "mine" and "GB/s" not in text
+
+    dec = tmp_path / "decode.json"
+    argv = ["decode", "--formats", "bf16,int8", "--groups", "1", "--vocab", "300", "--tokens", "1", "--numpy-tokens", "1",
+            "--rounds", "1", "--threads", "1", "--dir", str(tmp_path), "--json", str(dec)]
+    status, text, err = call(bench.main, argv, capsys)
+    assert status == 0, err
+    rows = json.loads(dec.read_text())["rows"]
+    assert [(r["format"], r["kernels"]) for r in rows] == [("bf16", "c"), ("bf16", "numpy"), ("int8", "c"), ("int8", "numpy")]
+    assert all(r["tokens_per_s"] > 0 and r["ratio_to_bound"] > 0 for r in rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decode.json", "gemv.json"]  # its checkpoints are gone
+
+
+@pytest.mark.parametrize("argv, culprit", [(["gemv", "--threads", "0"], "--threads: 0"),
+                                           (["gemv", "--shapes", "8by8"], "--shapes: '8by8'"),
+                                           (["gemv", "--formats", "int3"], "int3"),
+                                           (["gemv", "--offset", "-1"], "--offset -1"),
+                                           (["decode", "--tokens", "0"], "--tokens 0"),
+                                           (["decode", "--rounds", "0"], "--rounds 0")])
+def test_bench_kernels_bad_arguments(argv, culprit, capsys):
+    from d2m_ref import bench
+    status, out, err = call(bench.main, argv, capsys)
+    assert status == 2 and culprit in err and err.startswith("error: ") and "Traceback" not in err
+
+
 BENCH_MEMORY_BAD = [
     (["--prompt-tokens", "-1"], "--prompt-tokens -1"),
     (["--decode-tokens", "0"], "--decode-tokens 0"),
     (["--dtypes", "float64,float16"], "--dtypes: 'float16'"),
     (["--layouts", "dense,moe"], "--layouts: 'moe'"),
     (["--prompt-tokens", "40000"], "max_position_embeddings=32768"),
+    (["--json", "EXISTING"], "file exists; pass --force"),
 ]
 
 
 @pytest.mark.parametrize("argv, culprit", BENCH_MEMORY_BAD, ids=[a[0] for a, _ in BENCH_MEMORY_BAD])
-def test_bench_memory_bad_arguments(argv, culprit, monkeypatch, capsys):
+def test_bench_memory_bad_arguments(argv, culprit, monkeypatch, capsys, tmp_path):
     """Checked before any work (no bandwidth measurement, no checkpoint): named, status 2."""
     from d2m_ref import bench, bench_memory
 
@@ -617,7 +662,11 @@ def test_bench_memory_bad_arguments(argv, culprit, monkeypatch, capsys):
 
     monkeypatch.setattr(bench_memory, "measure_bandwidth_gbps", no_work)
     monkeypatch.setattr(bench_memory, "write_model", no_work)
+    existing = tmp_path / "rows.json"
+    existing.write_text("mine")
+    argv = [str(existing) if a == "EXISTING" else a for a in argv]
     status, out, err = call(bench.main, ["memory", *argv], capsys)
+    assert existing.read_text() == "mine"
     assert status == 2 and culprit in err and err.startswith("error: ") and "Traceback" not in err
 
 
