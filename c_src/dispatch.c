@@ -207,8 +207,6 @@ int d2m_ctx_threads(const d2m_ctx *ctx) {
 int d2m_ctx_tune(d2m_ctx *ctx, size_t parallel_min_bytes, size_t chunk_bytes) {
     if (!ctx)
         return D2M_ERR_NULL;
-    if (chunk_bytes == 0)
-        return D2M_ERR_SIZE;
     ctx->parallel_min_bytes = parallel_min_bytes;
     ctx->chunk_bytes = chunk_bytes;
     return D2M_OK;

@@ -1,5 +1,6 @@
-/* Activation quantisation for the integer kernels (spec/kernels.md §3), shared by every path so
- * that all of them multiply the same integers.
+/* Activation quantisation for the integer kernels (spec/kernels.md §3): the portable definition.
+ * A path may quantise with its own SIMD code (d2m_path.prepare) only if it writes these bytes
+ * exactly, so that every path multiplies the same integers (tests/c/test_kernels.c checks it).
  *
  * Per block of 32 elements (the last may be shorter): amax = max |x|;
  *   - a non-finite element: d = NaN, q = 0 (every dot reading the block becomes NaN);

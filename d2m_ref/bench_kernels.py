@@ -33,6 +33,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -43,7 +44,7 @@ import numpy as np
 from . import ckernels, cli, quant
 from .config import parse_config
 from .errors import InputError
-from .files import atomic_write_bytes, refuse_existing
+from .files import atomic_write_bytes, check_output
 from .kernels import NumpyKernels
 from .synth import to_storage
 from .weights import METADATA_CONFIG_KEY, Param
@@ -298,8 +299,6 @@ def _fmt_gemv(r: GemvRow) -> str:
 
 def main_gemv(args: argparse.Namespace) -> int:
     threads, shapes = _thread_counts(args.threads), _shapes(args.shapes)
-    if args.json is not None:
-        refuse_existing(args.json, args.force)  # before the work, not after it
     print(environment_note())
     bandwidth = {t: Bandwidth(t) for t in threads}
     print(f"cold working set: {cold_bytes() >> 20} MiB of distinct matrices per format and shape, each starting "
@@ -397,12 +396,6 @@ def main_decode(args: argparse.Namespace) -> int:
     from .weights import load_model
     threads = _thread_counts(args.threads)
     formats = args.formats.split(",")
-    if args.json is not None:
-        refuse_existing(args.json, args.force)
-    for option, n in (("--tokens", args.tokens), ("--numpy-tokens", args.numpy_tokens), ("--rounds", args.rounds),
-                      ("--groups", args.groups), ("--group-size", args.group_size), ("--top-k", args.top_k)):
-        if n < 1:
-            raise InputError(f"{option} {n}: must be at least 1")
     cfg_dict = qwen05b_dense2moe_config(args.groups, args.group_size, args.top_k, args.vocab)
     cfg = parse_config(cfg_dict)
     print(environment_note())
@@ -479,21 +472,42 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    """argv: the kind (gemv or decode), then its options."""
+    if not argv or argv[0] not in ("gemv", "decode"):
+        print("usage: python -m d2m_ref.bench {gemv,decode} [options]", file=sys.stderr)
+        return cli.EXIT_BAD_INPUT
     return cli.main_with_status(build_parser(argv[0]), _run, argv[1:])
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Every argument is checked before any work starts (no buffer, matrix or checkpoint yet)."""
     bad = [f for f in args.formats.split(",") if f not in FORMAT_STORAGE]
     if bad:
         raise InputError(f"--formats: unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMAT_STORAGE)}")
     if args.rounds < 1:
         raise InputError(f"--rounds {args.rounds}: must be at least 1")
+    threads = _thread_counts(args.threads)
+    if args.kind == "gemv":
+        _shapes(args.shapes)
+        if not (math.isfinite(args.seconds) and args.seconds > 0):
+            raise InputError(f"--seconds {args.seconds}: must be a positive number")
+        if not 0 <= args.offset < 4096 or args.offset % 4:
+            raise InputError(f"--offset {args.offset}: must be a multiple of 4 (every format's element size) "
+                             "in [0, 4096)")
+    else:
+        for option, n in (("--tokens", args.tokens), ("--numpy-tokens", args.numpy_tokens),
+                          ("--groups", args.groups), ("--group-size", args.group_size), ("--top-k", args.top_k),
+                          ("--vocab", args.vocab)):
+            if n < 1:
+                raise InputError(f"{option} {n}: must be at least 1")
+        if args.dir is not None and not args.dir.is_dir():
+            raise InputError(f"--dir {args.dir}: is not an existing folder")
+    check_output(args.json, args.force, "--json")
     if not ckernels.available():
         raise InputError(ckernels.unavailable_reason())
-    if args.kind == "gemv":
-        if args.seconds <= 0:
-            raise InputError(f"--seconds {args.seconds}: must be positive")
-        if not 0 <= args.offset < 4096:
-            raise InputError(f"--offset {args.offset}: must be in [0, 4096)")
-        return main_gemv(args)
-    return main_decode(args)
+    ckernels.CKernels(path=args.path, threads=max(threads))  # an unknown path or thread count: refused now
+    return main_gemv(args) if args.kind == "gemv" else main_decode(args)
+
+
+if __name__ == "__main__":  # the same as python -m d2m_ref.bench gemv|decode
+    sys.exit(main(sys.argv[1:]))

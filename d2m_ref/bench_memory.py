@@ -28,7 +28,7 @@ import numpy as np
 from . import cli
 from .config import parse_config
 from .errors import D2MError, InputError
-from .files import atomic_write_bytes, refuse_existing
+from .files import atomic_write_bytes, check_output
 from .safetensors_io import SafetensorsFile
 from .weights import METADATA_CONFIG_KEY
 
@@ -271,8 +271,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     if args.prompt_tokens + args.decode_tokens > limit:
         raise InputError(f"--prompt-tokens {args.prompt_tokens} + --decode-tokens {args.decode_tokens} is longer than "
                          f"the {args.shape} shape allows: max_position_embeddings={limit}")
-    if args.json is not None:
-        refuse_existing(args.json, args.force)
+    check_output(args.json, args.force, "--json")
     if args.dir is not None:
         for layout in layouts:
             reusable(layout_config(SHAPES[args.shape](), layout), args.dir / f"{args.shape}-{layout}")

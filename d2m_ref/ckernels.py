@@ -324,7 +324,8 @@ class CKernels:
 
     def tune(self, parallel_min_bytes: int, chunk_bytes: int) -> None:
         """How calls are split over threads (never what they compute): calls reading fewer weight
-        bytes than parallel_min_bytes stay on the calling thread; chunks of about chunk_bytes."""
+        bytes than parallel_min_bytes stay on the calling thread; chunks of about chunk_bytes (0: by
+        matrix size, the default, spec/kernels.md §7)."""
         _check(lib.d2m_ctx_tune(self._ctx, int(parallel_min_bytes), int(chunk_bytes)), "tune")
 
     def gemv(self, y: np.ndarray, w: Param, x: np.ndarray, alpha: float = 1.0, accumulate: bool = False) -> None:

@@ -21,6 +21,20 @@ def refuse_existing(path: str | os.PathLike, force: bool) -> None:
         raise OutputExistsError(f"{path}: file exists; pass --force to overwrite it")
 
 
+def check_output(path: str | os.PathLike | None, force: bool, option: str) -> None:
+    """An output file named by `option`, checked before a long job rather than at its end:
+    InputError if it is a folder or its folder does not exist; OutputExistsError if it exists and
+    not `force`.  None: nothing to check."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{option} {path}: is a directory")
+    if not path.parent.is_dir():
+        raise InputError(f"{option} {path}: folder {path.parent} does not exist")
+    refuse_existing(path, force)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, force: bool,
                  error: type[D2MError] = InputError) -> None:
     """Call write(f) on a temporary file beside `path`, fsync it, then os.replace it onto `path`.

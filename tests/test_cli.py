@@ -634,12 +634,39 @@ def test_bench_gemv_and_decode_rows(tmp_path, monkeypatch, capsys):
                                            (["gemv", "--shapes", "8by8"], "--shapes: '8by8'"),
                                            (["gemv", "--formats", "int3"], "int3"),
                                            (["gemv", "--offset", "-1"], "--offset -1"),
+                                           (["gemv", "--offset", "2"], "--offset 2"),
+                                           (["gemv", "--seconds", "nan"], "--seconds nan"),
+                                           (["gemv", "--json", "NOFOLDER/rows.json"], "does not exist"),
+                                           (["gemv", "--json", "TMP"], "is a directory"),
                                            (["decode", "--tokens", "0"], "--tokens 0"),
-                                           (["decode", "--rounds", "0"], "--rounds 0")])
-def test_bench_kernels_bad_arguments(argv, culprit, capsys):
-    from d2m_ref import bench
+                                           (["decode", "--rounds", "0"], "--rounds 0"),
+                                           (["decode", "--dir", "NOFOLDER"], "is not an existing folder")])
+def test_bench_kernels_bad_arguments(argv, culprit, capsys, tmp_path, monkeypatch):
+    """Refused before any work (no bandwidth buffer, matrix or checkpoint): named, status 2."""
+    from d2m_ref import bench, bench_kernels
+
+    def no_work(*_):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(bench_kernels, "Bandwidth", no_work)
+    monkeypatch.setattr(bench_kernels, "write_models", no_work)
+    argv = [a.replace("NOFOLDER", str(tmp_path / "missing")).replace("TMP", str(tmp_path)) for a in argv]
     status, out, err = call(bench.main, argv, capsys)
     assert status == 2 and culprit in err and err.startswith("error: ") and "Traceback" not in err
+
+
+@pytest.mark.skipif(not c_kernels_available(), reason="C kernels not built")
+@pytest.mark.parametrize("argv, culprit", [(["gemv", "--path", "sve2"], "sve2"),
+                                           (["decode", "--threads", "1,9999"], "9999")])
+def test_bench_kernels_bad_path_or_threads(argv, culprit, capsys, monkeypatch):
+    from d2m_ref import bench, bench_kernels
+
+    def no_work(*_):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(bench_kernels, "Bandwidth", no_work)
+    status, out, err = call(bench.main, argv, capsys)
+    assert status == 2 and culprit in err and "Traceback" not in err
 
 
 BENCH_MEMORY_BAD = [

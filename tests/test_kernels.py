@@ -479,7 +479,7 @@ def test_c_checks_its_arguments():
     assert lib.d2m_ctx_create(out, ffi.NULL, 0) == lib.D2M_ERR_THREADS
     assert lib.d2m_ctx_create(out, ffi.NULL, lib.D2M_MAX_THREADS + 1) == lib.D2M_ERR_THREADS
     assert lib.d2m_ctx_create(ffi.NULL, ffi.NULL, 1) == lib.D2M_ERR_NULL
-    assert lib.d2m_ctx_tune(ctx, 0, 0) == lib.D2M_ERR_SIZE
+    assert lib.d2m_ctx_tune(ffi.NULL, 0, 0) == lib.D2M_ERR_NULL
     buf = np.zeros(4096 + 64, np.uint8)
     off = (-buf.ctypes.data) % 64
     aligned = buf[off:off + 4096]

@@ -318,9 +318,17 @@ static void prepare_case(const char *path_name) {
         return;
     const int cols = uniform_int(1, 700), nblk = d2m_act_blocks(cols), nquad = d2m_act_quads(cols);
     float *x = (float *)malloc((size_t)cols * 4);
-    const int mode = uniform_int(0, 2); /* plain, awkward values, whole zero blocks */
-    for (int c = 0; c < cols; c++)
-        x[c] = mode == 1 ? awkward_value() : mode == 2 && (c / 32) % 2 ? 0.0f : uniform() * 2.0f;
+    /* plain, awkward values, whole zero blocks, exact ties (amax 127 so inv = 1, the others k + 1/2),
+     * whole blocks too small for 127/amax (d = 0 with amax > 0) */
+    const int mode = uniform_int(0, 4);
+    for (int c = 0; c < cols; c++) {
+        if (mode == 3)
+            x[c] = c % 32 == 0 ? (uniform_int(0, 1) ? 127.0f : -127.0f) : (float)uniform_int(-127, 126) + 0.5f;
+        else if (mode == 4)
+            x[c] = (c / 32) % 2 ? ldexpf(uniform(), -125) : uniform();
+        else
+            x[c] = mode == 1 ? awkward_value() : mode == 2 && (c / 32) % 2 ? 0.0f : uniform() * 2.0f;
+    }
     d2m_act_buf got[2];
     void *mem[2];
     const size_t sizes[5] = {(size_t)nblk * 32, (size_t)nblk * 4, (size_t)nblk * 32, (size_t)nquad * 128,
