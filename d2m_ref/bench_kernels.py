@@ -2,9 +2,9 @@
 against NumPy doing the same job.  Ratios, measured in the same run; never used by tests.
 
     python -m d2m_ref.bench gemv   [--formats f32,f16,...] [--shapes 4864x896,...] [--threads 1,all]
-                                   [--seconds S] [--rounds N] [--offset B] [--path P] [--json PATH]
+                                   [--seconds S] [--offset B] [--path P] [--json PATH]
     python -m d2m_ref.bench decode [--formats ...] [--groups N] [--tokens N] [--threads 1,all]
-                                   [--rounds N] [--numpy-tokens N] [--dir D] [--path P] [--json PATH]
+                                   [--numpy-tokens N] [--dir D] [--path P] [--json PATH]
 
 gemv: times each format's GEMV over a cold working set (distinct matrices filling as much memory
 as the bandwidth measurement reads: 4× the last-level cache and at least 256 MiB, visited in
@@ -19,11 +19,11 @@ float32 compute, beside its roofline bound: bandwidth / bytes of weights read pe
 format's model is written to a checkpoint (`quantize` for the integer formats) and loaded
 memory-mapped, as `python -m d2m_ref.run --weights` does.
 
-The machines here are shared and their memory bandwidth varies from moment to moment, so
-bandwidth and kernel are measured in alternation, `--rounds` times, with the same statistic: the
-fastest read of the bandwidth buffer against the fastest full pass of GEMVs over the cold set
-(the same bytes, a few milliseconds each, each side sampled for the same time), and for decode
-the fastest step (the mean is shown too).  A quiet moment helps both alike.  The bandwidth is this
+The machines here are shared and their memory bandwidth varies from moment to moment (on the
+2-vCPU VM this was written on, two-thread reads swing between about 50 and 85 GB/s), so every
+sample of the job is taken right after a bandwidth read and judged against it: a pass of GEMVs
+over the whole cold set (the same bytes as a read), or one decode step.  Reported: the medians
+of rates and reads, and the median of the per-pair ratios with its middle half.  The bandwidth is this
 machine's read rate by the C streaming loop (`measure_bandwidth`).  numpy's OpenBLAS honours
 OPENBLAS_CORETYPE, which may be set to an older kernel on this workplace: for a fair comparison
 run with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` (the output says which kernel it ran).
@@ -99,10 +99,9 @@ def cold_bytes() -> int:
 
 
 class Bandwidth:
-    """This machine's streaming read rate in GB/s (1e9 bytes/s) on `threads` threads: full reads of
-    a cold_bytes() buffer by the C streaming loop of the best kernel path; `best` keeps the fastest
-    read since it was last set to 0.  Without the C extension: NumPy summing the buffer (a lower
-    bound)."""
+    """This machine's streaming read rate in GB/s (1e9 bytes/s) on `threads` threads: one full read
+    of a cold_bytes() buffer by the C streaming loop of the best kernel path per `read()`.  Without
+    the C extension: NumPy summing the buffer (a lower bound)."""
 
     def __init__(self, threads: int = 1, nbytes: int | None = None):
         self.nbytes = nbytes or cold_bytes()
@@ -112,25 +111,60 @@ class Bandwidth:
         if ckernels.available():
             self.kernels = ckernels.CKernels(threads=threads)
             self.kernels.tune(parallel_min_bytes=0, chunk_bytes=1 << 16)
-        self.best = 0.0
 
-    def measure(self, repeats: int = 2, seconds: float = 0.0) -> float:
-        """Read the buffer `repeats` times, and on until `seconds` have passed; -> best."""
-        start, n = time.perf_counter(), 0
-        while n < repeats or time.perf_counter() - start < seconds:
-            t = time.perf_counter()
-            if self.kernels is not None:
-                self.kernels.stream_read(self.buf)
-            else:
-                self.buf.view(np.uint64).sum()
-            self.best = max(self.best, self.nbytes / (time.perf_counter() - t) / GB)
-            n += 1
-        return self.best
+    def read(self) -> float:
+        t = time.perf_counter()
+        if self.kernels is not None:
+            self.kernels.stream_read(self.buf)
+        else:
+            self.buf.view(np.uint64).sum()
+        return self.nbytes / (time.perf_counter() - t) / GB
 
 
 def measure_bandwidth(threads: int = 1, nbytes: int | None = None, repeats: int = 5) -> float:
     """The best of `repeats` reads (Bandwidth) in GB/s."""
-    return Bandwidth(threads, nbytes).measure(repeats)
+    bw = Bandwidth(threads, nbytes)
+    return max(bw.read() for _ in range(repeats))
+
+
+@dataclass
+class Paired:
+    """Samples of a job's rate (GB/s, or tokens/s) each taken right after a bandwidth read, so the
+    two see the machine in the same state; ratio = the median of the per-pair ratios."""
+    rates: list[float]
+    reads: list[float]
+    ratios: list[float]
+
+    @property
+    def rate(self) -> float:
+        return float(np.median(self.rates))
+
+    @property
+    def bandwidth(self) -> float:
+        return float(np.median(self.reads))
+
+    @property
+    def ratio(self) -> float:
+        return float(np.median(self.ratios))
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        """The middle half of the per-pair ratios (quartiles)."""
+        return float(np.percentile(self.ratios, 25)), float(np.percentile(self.ratios, 75))
+
+
+def paired(sample, bandwidth: Bandwidth, per_byte: float, seconds: float, min_pairs: int = 5) -> Paired:
+    """Alternate a bandwidth read and sample() (-> a rate) for `seconds` and at least `min_pairs`
+    pairs; the pair's ratio is rate · per_byte / read (per_byte: bytes the job reads per unit of
+    its rate, 1e9 for GB/s)."""
+    out, start = Paired([], [], []), time.perf_counter()
+    while len(out.rates) < min_pairs or time.perf_counter() - start < seconds:
+        read = bandwidth.read()
+        rate = sample()
+        out.reads.append(read)
+        out.rates.append(rate)
+        out.ratios.append(rate * per_byte / (read * GB))
+    return out
 
 
 def numpy_blas() -> str:
@@ -220,29 +254,23 @@ class GemvRow:
     matrices: int
     working_set_bytes: int
     offset: int
-    rounds: int
+    pairs: int
+    ratio_quartiles: tuple[float, float]
 
 
-def _best_pass(call, params: list[Param], seconds: float) -> float:
-    """Seconds per call in the fastest full pass of call(p) over params (the whole cold set: the
-    same bytes, and about the same few milliseconds, as one bandwidth read), passes repeated for
-    `seconds` (at least one)."""
-    best, start = math.inf, time.perf_counter()
-    while True:
-        t = time.perf_counter()
-        for p in params:
-            call(p)
-        now = time.perf_counter()
-        best = min(best, (now - t) / len(params))
-        if now - start >= seconds:
-            return best
+def _pass_gbps(call, params: list[Param]) -> float:
+    """GB/s of weights in one full pass of call(p) over params (the whole cold set: the same bytes
+    as one bandwidth read)."""
+    t = time.perf_counter()
+    for p in params:
+        call(p)
+    return sum(p.nbytes for p in params) / (time.perf_counter() - t) / GB
 
 
 def bench_gemv(fmt: str, rows: int, cols: int, threads: list[int], bandwidth: dict[int, Bandwidth], seconds: float,
-               rounds: int, path: str | None, offset: int = 0) -> list[GemvRow]:
-    """One format and shape on each thread count: `rounds` alternations of bandwidth reads and
-    seconds/rounds of GEMV passes over the cold set, the best read and the best pass; then NumPy's
-    best pass over the same set."""
+               path: str | None, offset: int = 0) -> list[GemvRow]:
+    """One format and shape on each thread count: for `seconds`, a bandwidth read then a pass of
+    GEMVs over the cold set, alternately (Paired); then NumPy's passes over the same set."""
     probe = random_matrices(fmt, rows, cols, 1, 0, offset)[0]
     count = max(2, math.ceil(cold_bytes() / probe.nbytes))
     params = [probe] + random_matrices(fmt, rows, cols, count - 1, 1, offset)
@@ -253,17 +281,15 @@ def bench_gemv(fmt: str, rows: int, cols: int, threads: list[int], bandwidth: di
         ck = ckernels.CKernels(path=path, threads=t)
         for p in params:  # describe every matrix once, outside the timing
             ck.gemv(y, p, x)
-        best = math.inf
-        bandwidth[t].best = 0.0  # this row's own rounds: a quiet spell elsewhere in the run is no reference here
-        for _ in range(rounds):  # as long reading as computing: neither gets more chances at a quiet spell
-            bandwidth[t].measure(1, seconds / rounds)
-            best = min(best, _best_pass(lambda p: ck.gemv(y, p, x), params, seconds / rounds))
+        c = paired(lambda: _pass_gbps(lambda p: ck.gemv(y, p, x), params), bandwidth[t], GB, seconds)
         reference = NumpyKernels()
         with _blas_threads(t):
-            np_time = _best_pass(lambda p: reference.linear(x, p), params, seconds / 2)
-        gbps, np_gbps, bw = probe.nbytes / best / GB, probe.nbytes / np_time / GB, bandwidth[t].best
-        out.append(GemvRow(fmt, f"{rows}x{cols}", t, gbps, bw, gbps / bw, gbps / np_gbps, np_gbps, ck.path, count,
-                           count * probe.nbytes, offset, rounds))
+            start, numpy_rates = time.perf_counter(), []
+            while not numpy_rates or time.perf_counter() - start < seconds / 3:
+                numpy_rates.append(_pass_gbps(lambda p: reference.linear(x, p), params))
+        np_gbps = float(np.median(numpy_rates))
+        out.append(GemvRow(fmt, f"{rows}x{cols}", t, c.rate, c.bandwidth, c.ratio, c.rate / np_gbps, np_gbps,
+                           ck.path, count, count * probe.nbytes, offset, len(c.rates), c.spread))
     return out
 
 
@@ -303,8 +329,10 @@ def _write_json(path: Path | None, kind: str, rows: list[dict], force: bool) -> 
 
 
 def _fmt_gemv(r: GemvRow) -> str:
+    q1, q3 = r.ratio_quartiles
     return (f"{r.format:10} {r.shape:>10} {r.threads:>3} {r.gbps:7.1f} {r.bandwidth_gbps:7.1f} "
-            f"{100 * r.ratio_to_bandwidth:5.0f}% {r.numpy_gbps:10.2f} {r.ratio_to_numpy:8.1f}")
+            f"{100 * r.ratio_to_bandwidth:5.0f}% {f'{100 * q1:.0f}-{100 * q3:.0f}%':>9} {r.numpy_gbps:10.2f} "
+            f"{r.ratio_to_numpy:8.1f}")
 
 
 def main_gemv(args: argparse.Namespace) -> int:
@@ -312,15 +340,15 @@ def main_gemv(args: argparse.Namespace) -> int:
     print(environment_note())
     bandwidth = {t: Bandwidth(t) for t in threads}
     print(f"cold working set: {cold_bytes() >> 20} MiB of distinct matrices per format and shape, each starting "
-          f"{args.offset} bytes past a 64-byte boundary; {args.rounds} rounds of (bandwidth reads, GEMV passes over the "
-          "set); GB/s of the fastest pass against the fastest read")
-    print(f"\n{'format':10} {'shape':>10} {'thr':>3} {'GB/s':>7} {'bw GB/s':>7} {'% bw':>6} {'numpy GB/s':>10} "
-          f"{'x numpy':>8}")
+          f"{args.offset} bytes past a 64-byte boundary.  For {args.seconds:g} s per row, a bandwidth read and a pass "
+          "of GEMVs over the set in turn; medians, and % bw = the median of the per-pair ratios (its middle half "
+          "beside it)")
+    print(f"\n{'format':10} {'shape':>10} {'thr':>3} {'GB/s':>7} {'bw GB/s':>7} {'% bw':>6} {'mid half':>9} "
+          f"{'numpy GB/s':>10} {'x numpy':>8}")
     rows_out: list[GemvRow] = []
     for fmt in args.formats.split(","):
         for rows, cols in shapes:
-            for r in bench_gemv(fmt, rows, cols, threads, bandwidth, args.seconds, args.rounds, args.path,
-                                args.offset):
+            for r in bench_gemv(fmt, rows, cols, threads, bandwidth, args.seconds, args.path, args.offset):
                 rows_out.append(r)
                 print(_fmt_gemv(r), flush=True)
     _write_json(args.json, "gemv", [asdict(r) for r in rows_out], args.force)
@@ -364,22 +392,22 @@ def bytes_per_token(model) -> int:
     return int(total)
 
 
-def time_decode(model, kernels, tokens: int, prompt: int = 8) -> tuple[float, float]:
-    """(mean, best) tokens/s of `tokens` steady-state decode steps (float32 compute) after a
-    `prompt`-token prefill and one untimed step; best = the fastest single step (a sample of a few
-    to tens of milliseconds, like one bandwidth read)."""
+def decode_steps(model, kernels, prompt: int = 8):
+    """A function running one more steady-state decode step (float32 compute) and returning its
+    rate in tokens/s, after a `prompt`-token prefill and one untimed step."""
     from .model import forward
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, prompt)
     logits, cache = forward(model, ids, dtype=np.float32, kernels=kernels)
-    token = int(np.argmax(logits[-1]))
-    logits, cache = forward(model, [token], cache=cache, dtype=np.float32, kernels=kernels)  # warm up
-    steps = []
-    for _ in range(tokens):
+    state = [forward(model, [int(np.argmax(logits[-1]))], cache=cache, dtype=np.float32, kernels=kernels)]
+
+    def step() -> float:
+        logits, cache = state[0]
         token = int(np.argmax(logits[-1]))
         t = time.perf_counter()
-        logits, cache = forward(model, [token], cache=cache, dtype=np.float32, kernels=kernels)
-        steps.append(time.perf_counter() - t)
-    return len(steps) / sum(steps), 1.0 / min(steps)
+        state[0] = forward(model, [token], cache=cache, dtype=np.float32, kernels=kernels)
+        return 1.0 / (time.perf_counter() - t)
+
+    return step
 
 
 def write_models(cfg_dict: dict, formats: list[str], folder: Path, seed: int = 0):
@@ -417,10 +445,11 @@ def main_decode(args: argparse.Namespace) -> int:
     bandwidth = {t: Bandwidth(t) for t in threads}
     print(f"model: Qwen2.5-0.5B shapes as a Dense2MoE, {args.groups} layers, {args.group_size} experts top-"
           f"{args.top_k}, vocab {args.vocab}, tied LM head (kept in the float storage by quantize); each format "
-          f"written to a checkpoint and memory-mapped; {args.rounds} rounds of (bandwidth reads, {args.tokens} C "
-          f"decode steps); % bound = fastest step / bound (fastest read), mean % = mean rate / bound")
-    print(f"\n{'format':10} {'kernels':>8} {'thr':>3} {'MB/token':>9} {'tok/s':>8} {'best':>8} {'bw GB/s':>7} "
-          f"{'bound':>8} {'% bound':>8} {'mean %':>7}")
+          f"written to a checkpoint and memory-mapped.  {args.tokens} decode steps on C ({args.numpy_tokens} on "
+          "NumPy), each after a bandwidth read; medians, and % bound = the median of the per-step ratios of rate "
+          "to bound (its middle half beside it)")
+    print(f"\n{'format':10} {'kernels':>8} {'thr':>3} {'MB/token':>9} {'tok/s':>8} {'bw GB/s':>7} {'bound':>8} "
+          f"{'% bound':>8} {'mid half':>9}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="d2m-bench-decode-", dir=args.dir) as work:
         for fmt, path in write_models(cfg_dict, formats, Path(work)):
@@ -429,28 +458,20 @@ def main_decode(args: argparse.Namespace) -> int:
                 raise InputError(f"{path}: the checkpoint's config is not the benchmark's")
             per_token = bytes_per_token(model)
             for name, t in [("c", t) for t in threads] + [("numpy", max(threads))]:
-                bandwidth[t].best = 0.0  # this row's own rounds
                 if name == "c":
-                    kernels = ckernels.CKernels(path=args.path, threads=t)
-                    rounds = [None] * args.rounds
-                    for i in range(args.rounds):
-                        start = time.perf_counter()
-                        rounds[i] = time_decode(model, kernels, args.tokens)
-                        bandwidth[t].measure(1, time.perf_counter() - start)  # as long as the decode took
-                    mean = sum(r[0] for r in rounds) / len(rounds)
-                    best = max(r[1] for r in rounds)
+                    step = decode_steps(model, ckernels.CKernels(path=args.path, threads=t))
+                    d = paired(step, bandwidth[t], per_token, 0.0, args.tokens)
                 else:
                     with _blas_threads(t):
-                        mean, best = time_decode(model, NumpyKernels(), args.numpy_tokens)
-                    bandwidth[t].measure()
-                bw = bandwidth[t].best
-                bound = bw * GB / per_token
+                        d = paired(decode_steps(model, NumpyKernels()), bandwidth[t], per_token, 0.0,
+                                   args.numpy_tokens)
+                bound = d.bandwidth * GB / per_token
+                q1, q3 = d.spread
                 rows.append({"format": fmt, "kernels": name, "threads": t, "bytes_per_token": per_token,
-                             "tokens_per_s": mean, "best_step_tokens_per_s": best, "bound_tokens_per_s": bound,
-                             "ratio_to_bound": best / bound, "mean_ratio_to_bound": mean / bound,
-                             "bandwidth_gbps": bw, "rounds": args.rounds if name == "c" else 1})
-                print(f"{fmt:10} {name:>8} {t:>3} {per_token / 1e6:9.1f} {mean:8.2f} {best:8.2f} {bw:7.1f} {bound:8.2f} "
-                      f"{100 * best / bound:7.0f}% {100 * mean / bound:7.0f}%", flush=True)
+                             "tokens_per_s": d.rate, "bound_tokens_per_s": bound, "ratio_to_bound": d.ratio,
+                             "ratio_quartiles": [q1, q3], "bandwidth_gbps": d.bandwidth, "steps": len(d.rates)})
+                print(f"{fmt:10} {name:>8} {t:>3} {per_token / 1e6:9.1f} {d.rate:8.2f} {d.bandwidth:7.1f} {bound:8.2f} "
+                      f"{100 * d.ratio:7.0f}% {f'{100 * q1:.0f}-{100 * q3:.0f}%':>9}", flush=True)
             del model
     _write_json(args.json, "decode", rows, args.force)
     return 0
@@ -469,12 +490,11 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     parser.add_argument("--path", default=None, help="force a C kernel path (default: the best this CPU runs)")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the rows as JSON")
     parser.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="alternations of bandwidth read and kernel timing; the best of each is kept (default 3)")
     if kind == "gemv":
         parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help="comma-separated RxC")
-        parser.add_argument("--seconds", type=float, default=1.5,
-                            help="C timing budget per format, shape and thread count (default 1.5)")
+        parser.add_argument("--seconds", type=float, default=3.0,
+                            help="time of the paired bandwidth reads and GEMV passes per format, shape and thread "
+                                 "count (default 3; at least 5 pairs)")
         parser.add_argument("--offset", type=int, default=0,
                             help="start every matrix this many bytes past a 64-byte boundary (default 0)")
     else:
@@ -485,7 +505,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         parser.add_argument("--group-size", type=int, default=4, help="experts per MoE layer (default 4)")
         parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
         parser.add_argument("--vocab", type=int, default=151936, help="vocabulary (default Qwen2.5's 151936)")
-        parser.add_argument("--tokens", type=int, default=16, help="decode steps timed on C (default 16)")
+        parser.add_argument("--tokens", type=int, default=24, help="decode steps timed on C (default 24)")
         parser.add_argument("--numpy-tokens", type=int, default=3, help="decode steps timed on NumPy (default 3)")
     return parser
 
@@ -503,8 +523,6 @@ def _run(args: argparse.Namespace) -> int:
     bad = [f for f in args.formats.split(",") if f not in FORMAT_STORAGE]
     if bad:
         raise InputError(f"--formats: unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMAT_STORAGE)}")
-    if args.rounds < 1:
-        raise InputError(f"--rounds {args.rounds}: must be at least 1")
     threads = _thread_counts(args.threads)
     if args.kind == "gemv":
         _shapes(args.shapes)
