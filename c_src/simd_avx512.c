@@ -135,13 +135,13 @@ static inline __attribute__((always_inline)) void q4g_rows(float *out, const d2m
                                                            const d2m_act *x, const int nr) {
     const uint8_t *packed[Q4_ROWS];
     const uint16_t *scales[Q4_ROWS];
-    const d2m_q4g_row first = d2m_q4g_row_at(w, row);
-    const int nblk = first.nblk, ngroups = first.ngroups, shift = first.shift;  /* block >> shift = group */
+    int nblk = 0, ngroups = 0, shift = 0;  /* the same for every row; block >> shift = group */
 #pragma GCC unroll 4
     for (int i = 0; i < nr; i++) {
         const d2m_q4g_row q4 = d2m_q4g_row_at(w, row + i);
         packed[i] = q4.packed;
         scales[i] = q4.scales;
+        nblk = q4.nblk, ngroups = q4.ngroups, shift = q4.shift;
     }
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);

@@ -84,10 +84,11 @@ def all_threads() -> int:
         return os.cpu_count() or 1
 
 
-def _aligned(nbytes: int) -> np.ndarray:
-    raw = np.empty(nbytes + 64, dtype=np.uint8)
-    off = (-raw.ctypes.data) % 64
-    return raw[off:off + nbytes]
+def _aligned(nbytes: int, offset: int = 0) -> np.ndarray:
+    """uint8 [nbytes] starting `offset` bytes past a 64-byte boundary."""
+    raw = np.empty(nbytes + 64 + offset, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset
+    return raw[start:start + nbytes]
 
 
 def cold_bytes() -> int:
@@ -210,9 +211,7 @@ def environment_note() -> str:
 
 def placed(a: np.ndarray, offset: int = 0) -> np.ndarray:
     """A copy of `a` whose data starts `offset` bytes past a 64-byte boundary."""
-    raw = np.empty(a.nbytes + 64 + offset, dtype=np.uint8)
-    start = (-raw.ctypes.data) % 64 + offset
-    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out = _aligned(a.nbytes, offset).view(a.dtype).reshape(a.shape)
     out[...] = a
     return out
 

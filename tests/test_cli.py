@@ -570,6 +570,11 @@ def test_non_finite_values_are_named_by_their_first_stage(tool, what, stage, poi
 # bench
 
 
+def no_work(*_):
+    """Stands in for a benchmark's first piece of work: the arguments must be refused before it."""
+    raise AssertionError("work started before the arguments were checked")
+
+
 def test_bench_kind_not_built_is_named(monkeypatch, capsys):
     """A benchmark kind whose module is absent from this checkout: named, status 2, no traceback."""
     from d2m_ref import bench
@@ -645,10 +650,6 @@ def test_bench_gemv_and_decode_rows(tmp_path, monkeypatch, capsys):
 def test_bench_kernels_bad_arguments(argv, culprit, capsys, tmp_path, monkeypatch):
     """Refused before any work (no bandwidth buffer, matrix or checkpoint): named, status 2."""
     from d2m_ref import bench, bench_kernels
-
-    def no_work(*_):
-        raise AssertionError("work started before the arguments were checked")
-
     monkeypatch.setattr(bench_kernels, "Bandwidth", no_work)
     monkeypatch.setattr(bench_kernels, "write_models", no_work)
     argv = [a.replace("NOFOLDER", str(tmp_path / "missing")).replace("TMP", str(tmp_path)) for a in argv]
@@ -661,10 +662,6 @@ def test_bench_kernels_bad_arguments(argv, culprit, capsys, tmp_path, monkeypatc
                                            (["decode", "--threads", "1,9999"], "9999")])
 def test_bench_kernels_bad_path_or_threads(argv, culprit, capsys, monkeypatch):
     from d2m_ref import bench, bench_kernels
-
-    def no_work(*_):
-        raise AssertionError("work started before the arguments were checked")
-
     monkeypatch.setattr(bench_kernels, "Bandwidth", no_work)
     status, out, err = call(bench.main, argv, capsys)
     assert status == 2 and culprit in err and "Traceback" not in err
@@ -684,10 +681,6 @@ BENCH_MEMORY_BAD = [
 def test_bench_memory_bad_arguments(argv, culprit, monkeypatch, capsys, tmp_path):
     """Checked before any work (no bandwidth measurement, no checkpoint): named, status 2."""
     from d2m_ref import bench, bench_memory
-
-    def no_work(*_):
-        raise AssertionError("work started before the arguments were checked")
-
     monkeypatch.setattr(bench_memory, "measure_bandwidth_gbps", no_work)
     monkeypatch.setattr(bench_memory, "write_model", no_work)
     existing = tmp_path / "rows.json"
