@@ -636,12 +636,34 @@ def test_bench_gemv_and_decode_rows(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decode.json", "gemv.json"]  # its checkpoints are gone
 
 
+def test_bench_paired_ratio_is_per_pair():
+    """Each sample is judged against the read just before it: ratio = rate · bytes per unit / read."""
+    from d2m_ref import bench_kernels
+    reads, rates = iter([40.0, 80.0, 50.0, 40.0, 60.0]), iter([2.0, 4.0, 2.0, 1.0, 3.0])
+    bw = type("FakeBandwidth", (), {"read": lambda self: next(reads)})()
+    p = bench_kernels.paired(lambda: next(rates), bw, per_byte=10e9, seconds=0.0, min_pairs=5)
+    assert p.ratios == pytest.approx([0.5, 0.5, 0.4, 0.25, 0.5])
+    assert (p.ratio, p.rate, p.bandwidth) == (pytest.approx(0.5), 2.0, 50.0)
+
+
+def test_bench_decode_checkpoints_removed_as_it_goes(tmp_path):
+    """write_models keeps one format's checkpoint on disk at a time (a 0.5B-shaped f32 file is 2 GB)."""
+    from d2m_ref import bench_kernels
+    cfg = bench_kernels.qwen05b_dense2moe_config(groups=1, vocab=300)
+    seen = []
+    for fmt, path in bench_kernels.write_models(cfg, ["f32", "int8", "bf16"], tmp_path):
+        seen.append(path)
+        assert path.exists() and all(not p.exists() for p in seen[:-1]), fmt
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("argv, culprit", [(["gemv", "--threads", "0"], "--threads: 0"),
                                            (["gemv", "--shapes", "8by8"], "--shapes: '8by8'"),
                                            (["gemv", "--formats", "int3"], "int3"),
                                            (["gemv", "--offset", "-1"], "--offset -1"),
                                            (["gemv", "--offset", "2"], "--offset 2"),
                                            (["gemv", "--seconds", "nan"], "--seconds nan"),
+                                           (["gemv", "--seconds", "inf"], "--seconds inf"),
                                            (["gemv", "--json", "NOFOLDER/rows.json"], "does not exist"),
                                            (["gemv", "--json", "TMP"], "is a directory"),
                                            (["decode", "--tokens", "0"], "--tokens 0"),
