@@ -110,6 +110,13 @@ int d2m_quantize_act(int8_t *xq, float *xd, const float *x, int cols);
  * threads with its path's widest loads; *checksum = sum of the 64-bit words mod 2^64.  For
  * measuring bandwidth. */
 int d2m_stream_read(uint64_t *checksum, const void *buf, size_t nbytes, d2m_ctx *ctx);
+
+/* For benchmarks: y = W_i x for each of the n matrices ws[i] in turn (one token, x [C], y [R]; all
+ * the same shape), each by d2m_gemv as a caller makes it, with its checks and activation
+ * preparation; *seconds = the wall time of the loop, without any binding's per-call cost.  Stops
+ * at the first error and returns it. */
+int d2m_gemv_pass(double *seconds, float *y, const d2m_matrix *ws, int n, const float *x, void *scratch,
+                  size_t scratch_bytes, d2m_ctx *ctx);
 /* cdef-end */
 
 #ifdef __cplusplus

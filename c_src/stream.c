@@ -1,7 +1,11 @@
-/* Streaming read for measuring memory bandwidth: every byte of a buffer is loaded once, with the
- * path's widest loads, the buffer split over the context's threads.  The checksum (the sum of the
- * 64-bit words modulo 2^64, the same on every path and thread count) keeps the loads alive. */
+/* Measuring.  The streaming read, for memory bandwidth: every byte of a buffer is loaded once, with
+ * the path's widest loads, the buffer split over the context's threads.  The checksum (the sum of
+ * the 64-bit words modulo 2^64, the same on every path and thread count) keeps the loads alive.
+ * The timed GEMV pass, for the kernels' rate without the binding's per-call cost. */
+#define _POSIX_C_SOURCE 200809L  /* clock_gettime under -std=c11 */
+
 #include <stdatomic.h>
+#include <time.h>
 
 #include "internal.h"
 
@@ -48,5 +52,23 @@ int d2m_stream_read(uint64_t *checksum, const void *buf, size_t nbytes, d2m_ctx 
     const int n_chunks = (int)((nbytes + STREAM_CHUNK_BYTES - 1) / STREAM_CHUNK_BYTES);
     d2m_run(ctx, stream_task, &job, n_chunks, nbytes);
     *checksum = (uint64_t)atomic_load(&job.checksum);
+    return D2M_OK;
+}
+
+int d2m_gemv_pass(double *seconds, float *y, const d2m_matrix *ws, int n, const float *x, void *scratch,
+                  size_t scratch_bytes, d2m_ctx *ctx) {
+    if (!seconds || !ws)
+        return D2M_ERR_NULL;
+    if (n <= 0)
+        return D2M_ERR_SIZE;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int i = 0; i < n; i++) {
+        const int status = d2m_gemv(y, &ws[i], x, 1, 1.0f, 0, scratch, scratch_bytes, ctx);
+        if (status != D2M_OK)
+            return status;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    *seconds = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
     return D2M_OK;
 }

@@ -343,6 +343,32 @@ class CKernels:
         _check(lib.d2m_gemv(ffi.from_buffer("float[]", y, require_writable=True), m.ptr, ffi.from_buffer("float[]", x),
                             T, float(alpha), int(accumulate), self._scratch(need), need, self._ctx), f"gemv {w.name}")
 
+    def gemv_pass(self, y: np.ndarray, ws: list[Param], x: np.ndarray) -> float:
+        """Seconds for y [1, R] = x [1, C]·Wᵀ over every W of ws (all [R, C]) in turn, timed in C
+        (d2m_gemv_pass): each a full d2m_gemv call, without the binding's per-call cost."""
+        ms = [self._matrix(w) for w in ws]
+        if not ms:
+            raise ValueError("gemv_pass: no matrices")
+        for w, m in zip(ws, ms):
+            if m is None:
+                raise CKernelsError(f"{w.name}: storage {w.storage} is not a C kernel format")
+            if (m.rows, m.cols) != (ms[0].rows, ms[0].cols):
+                raise ValueError(f"gemv_pass: {w.name} is [{m.rows}, {m.cols}], {ws[0].name} "
+                                 f"[{ms[0].rows}, {ms[0].cols}]: one shape per pass")
+        if x.dtype != np.float32 or y.dtype != np.float32:
+            raise ValueError("gemv_pass: x and y must be float32")
+        x = self._input(x, ms[0].cols, "gemv_pass")
+        if x.shape[0] != 1 or y.shape != (1, ms[0].rows) or not (y.flags.c_contiguous and y.flags.writeable):
+            raise ValueError(f"gemv_pass: x must be [1, {ms[0].cols}] and y a writable contiguous [1, {ms[0].rows}]")
+        structs = ffi.new("d2m_matrix[]", len(ms))
+        for i, m in enumerate(ms):
+            structs[i] = m.ptr[0]
+        need = max(lib.d2m_gemv_scratch_bytes(m.ptr, 1) for m in ms)
+        seconds = ffi.new("double *")
+        _check(lib.d2m_gemv_pass(seconds, ffi.from_buffer("float[]", y, require_writable=True), structs, len(ms),
+                                 ffi.from_buffer("float[]", x), self._scratch(need), need, self._ctx), "gemv_pass")
+        return float(seconds[0])
+
     def stream_read(self, buf: np.ndarray) -> int:
         """Read every byte of buf (64-byte aligned, a multiple of 64 bytes) with this path's loads
         on this context's threads; returns a checksum."""

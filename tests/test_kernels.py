@@ -488,7 +488,36 @@ def test_c_checks_its_arguments():
     assert lib.d2m_stream_read(checksum, ffi.from_buffer(aligned), 4000, ctx) == lib.D2M_ERR_SIZE
     assert lib.d2m_stream_read(checksum, ffi.from_buffer(buf[off + 8:]), 4096, ctx) == lib.D2M_ERR_SIZE
     assert lib.d2m_stream_read(ffi.NULL, ffi.from_buffer(aligned), 4096, ctx) == lib.D2M_ERR_NULL
+    seconds = ffi.new("double *")
+    pair = ffi.new("d2m_matrix[]", [matrix()[0], matrix(format=9)[0]])
+    assert lib.d2m_gemv_pass(seconds, ybuf, pair, 1, xbuf, ffi.NULL, 0, ctx) == lib.D2M_OK and seconds[0] >= 0
+    assert lib.d2m_gemv_pass(seconds, ybuf, pair, 2, xbuf, ffi.NULL, 0, ctx) == lib.D2M_ERR_FORMAT  # the 2nd's
+    assert lib.d2m_gemv_pass(seconds, ybuf, pair, 0, xbuf, ffi.NULL, 0, ctx) == lib.D2M_ERR_SIZE
+    assert lib.d2m_gemv_pass(ffi.NULL, ybuf, pair, 1, xbuf, ffi.NULL, 0, ctx) == lib.D2M_ERR_NULL
+    assert lib.d2m_gemv_pass(seconds, ybuf, ffi.NULL, 1, xbuf, ffi.NULL, 0, ctx) == lib.D2M_ERR_NULL
+    assert lib.d2m_gemv_pass(seconds, ybuf, pair, 1, xbuf, ffi.NULL, 0, ffi.NULL) == lib.D2M_ERR_NULL
     assert lib.d2m_quantize_act(ffi.NULL, ffi.NULL, ffi.NULL, 3) == lib.D2M_ERR_NULL
+
+
+def test_gemv_pass_is_the_gemvs_it_times():
+    """The benchmark's C-timed pass runs d2m_gemv on each matrix in turn: y is the last one's
+    product, bit for bit; shapes that differ, an empty list or a wrong y are refused by name."""
+    rng = np.random.default_rng(4)
+    ws = [Param.quantized(f"pass.{i}", "Q4G32", (33, 70), *quant.quantize(rng.standard_normal((33, 70)), "Q4G32"))
+          for i in range(3)]
+    c = ckernels.CKernels(threads=2)
+    x = rng.standard_normal((1, 70)).astype(np.float32)
+    y, alone = np.empty((1, 33), np.float32), np.empty((1, 33), np.float32)
+    assert c.gemv_pass(y, ws, x) > 0
+    c.gemv(alone, ws[-1], x)
+    np.testing.assert_array_equal(y, alone)
+    other = Param.of("pass.other", rng.standard_normal((33, 71)).astype(np.float32))
+    with pytest.raises(ValueError, match="pass.other.*one shape"):
+        c.gemv_pass(y, ws + [other], x)
+    with pytest.raises(ValueError, match="no matrices"):
+        c.gemv_pass(y, [], x)
+    with pytest.raises(ValueError, match=r"y a writable contiguous \[1, 33\]"):
+        c.gemv_pass(np.empty((1, 32), np.float32), ws, x)
 
 
 def test_stream_read_checksum_is_path_and_thread_independent():

@@ -386,6 +386,13 @@ static void refusals(void) {
     CHECK(d2m_ctx_create(&none, NULL, 0) == D2M_ERR_THREADS, "0 threads");
     uint64_t sum;
     CHECK(d2m_stream_read(&sum, w, 100, ctx) == D2M_ERR_SIZE, "stream size");
+    double seconds = -1.0;
+    d2m_matrix pair[2] = {m, m};
+    pair[1].cols = 0;
+    CHECK(d2m_gemv_pass(&seconds, y, pair, 1, x, NULL, 0, ctx) == D2M_OK && seconds >= 0.0, "pass");
+    CHECK(d2m_gemv_pass(&seconds, y, pair, 2, x, NULL, 0, ctx) == D2M_ERR_SIZE, "pass: the 2nd matrix's error");
+    CHECK(d2m_gemv_pass(&seconds, y, pair, 0, x, NULL, 0, ctx) == D2M_ERR_SIZE, "pass: no matrices");
+    CHECK(d2m_gemv_pass(NULL, y, pair, 1, x, NULL, 0, ctx) == D2M_ERR_NULL, "pass: NULL seconds");
     d2m_ctx_destroy(ctx);
 }
 
