@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import json
 import math
+import mmap
 import os
 import sys
 import tempfile
@@ -85,10 +86,16 @@ def all_threads() -> int:
 
 
 def _aligned(nbytes: int, offset: int = 0) -> np.ndarray:
-    """uint8 [nbytes] starting `offset` bytes past a 64-byte boundary."""
-    raw = np.empty(nbytes + 64 + offset, dtype=np.uint8)
-    start = (-raw.ctypes.data) % 64 + offset
-    return raw[start:start + nbytes]
+    """uint8 [nbytes] starting `offset` bytes past a 64-byte boundary, in its own anonymous mapping
+    on 4 KiB pages, as memory-mapped weights are: NumPy asks for 2 MiB pages for arrays of 4 MiB and
+    more (fewer TLB misses: a 256 MiB read measured 3-5 % faster here), which would give the
+    bandwidth read and the big matrices an advantage the checkpoint's weights do not have."""
+    size = nbytes + offset + 64
+    size += -size % mmap.PAGESIZE
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        region.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(region, np.uint8)[offset:offset + nbytes]  # the array keeps the mapping alive
 
 
 def cold_bytes() -> int:
@@ -120,6 +127,24 @@ class Bandwidth:
         else:
             self.buf.view(np.uint64).sum()
         return self.nbytes / (time.perf_counter() - t) / GB
+
+
+def page_note(threads: list[int]) -> str:
+    """One line: the bandwidth reads (4 KiB pages, like memory-mapped weights) beside the same read
+    of an array on 2 MiB pages, the best of 3 each, so a reader sees what the page size is worth."""
+    if not ckernels.available():
+        return "bandwidth: NumPy summing the buffer (no C extension), 4 KiB pages"
+    parts = []
+    for t in threads:
+        small, huge = Bandwidth(t), Bandwidth(t)
+        raw = np.empty(huge.nbytes + 64, np.uint8)  # NumPy asks for 2 MiB pages (madvise) at this size
+        huge.buf = raw[-raw.ctypes.data % 64:][:huge.nbytes]
+        huge.buf[...] = 1
+        parts.append(f"{t} thread{'s' if t > 1 else ''}: {max(small.read() for _ in range(3)):.1f} GB/s on 4 KiB "
+                     f"pages, {max(huge.read() for _ in range(3)):.1f} on 2 MiB")
+        del huge
+    return ("bandwidth reads: memory on 4 KiB pages, as memory-mapped weights are (best of 3: "
+            + "; ".join(parts) + ")")
 
 
 def measure_bandwidth(threads: int = 1, nbytes: int | None = None, repeats: int = 5) -> float:
@@ -249,6 +274,7 @@ class GemvRow:
     ratio_to_bandwidth: float
     ratio_to_numpy: float
     numpy_gbps: float
+    python_gbps: float  # the same passes, a binding call per GEMV
     path: str
     matrices: int
     working_set_bytes: int
@@ -269,27 +295,35 @@ def _pass_gbps(call, params: list[Param]) -> float:
 def bench_gemv(fmt: str, rows: int, cols: int, threads: list[int], bandwidth: dict[int, Bandwidth], seconds: float,
                path: str | None, offset: int = 0) -> list[GemvRow]:
     """One format and shape on each thread count: for `seconds`, a bandwidth read then a pass of
-    GEMVs over the cold set, alternately (Paired); then NumPy's passes over the same set."""
+    GEMVs over the cold set timed in C (CKernels.gemv_pass), alternately (Paired); then passes
+    through the Python binding (a call each, as the forward pass makes them) and NumPy's passes
+    over the same set."""
     probe = random_matrices(fmt, rows, cols, 1, 0, offset)[0]
     count = max(2, math.ceil(cold_bytes() / probe.nbytes))
     params = [probe] + random_matrices(fmt, rows, cols, count - 1, 1, offset)
+    total = sum(p.nbytes for p in params)
     x = np.random.default_rng(2).standard_normal((1, cols), dtype=np.float32)
     y = np.empty((1, rows), np.float32)
     out = []
     for t in threads:
         ck = ckernels.CKernels(path=path, threads=t)
-        for p in params:  # describe every matrix once, outside the timing
-            ck.gemv(y, p, x)
-        c = paired(lambda: _pass_gbps(lambda p: ck.gemv(y, p, x), params), bandwidth[t], GB, seconds)
+        ck.gemv_pass(y, params, x)  # describe every matrix once, outside the timing
+        c = paired(lambda: total / ck.gemv_pass(y, params, x) / GB, bandwidth[t], GB, seconds)
+        py_gbps = _median_rate(lambda: _pass_gbps(lambda p: ck.gemv(y, p, x), params), seconds / 3)
         reference = NumpyKernels()
         with _blas_threads(t):
-            start, numpy_rates = time.perf_counter(), []
-            while not numpy_rates or time.perf_counter() - start < seconds / 3:
-                numpy_rates.append(_pass_gbps(lambda p: reference.linear(x, p), params))
-        np_gbps = float(np.median(numpy_rates))
+            np_gbps = _median_rate(lambda: _pass_gbps(lambda p: reference.linear(x, p), params), seconds / 3)
         out.append(GemvRow(fmt, f"{rows}x{cols}", t, c.rate, c.bandwidth, c.ratio, c.rate / np_gbps, np_gbps,
-                           ck.path, count, count * probe.nbytes, offset, len(c.rates), c.spread))
+                           py_gbps, ck.path, count, total, offset, len(c.rates), c.spread))
     return out
+
+
+def _median_rate(sample, seconds: float) -> float:
+    """The median of sample() (a rate) taken for `seconds`, at least once."""
+    start, rates = time.perf_counter(), []
+    while not rates or time.perf_counter() - start < seconds:
+        rates.append(sample())
+    return float(np.median(rates))
 
 
 def _thread_counts(text: str) -> list[int]:
@@ -330,20 +364,22 @@ def _write_json(path: Path | None, kind: str, rows: list[dict], force: bool) -> 
 def _fmt_gemv(r: GemvRow) -> str:
     q1, q3 = r.ratio_quartiles
     return (f"{r.format:10} {r.shape:>10} {r.threads:>3} {r.gbps:7.1f} {r.bandwidth_gbps:7.1f} "
-            f"{100 * r.ratio_to_bandwidth:5.0f}% {f'{100 * q1:.0f}-{100 * q3:.0f}%':>9} {r.numpy_gbps:10.2f} "
-            f"{r.ratio_to_numpy:8.1f}")
+            f"{100 * r.ratio_to_bandwidth:5.0f}% {f'{100 * q1:.0f}-{100 * q3:.0f}%':>9} {r.python_gbps:8.1f} "
+            f"{r.numpy_gbps:10.2f} {r.ratio_to_numpy:8.1f}")
 
 
 def main_gemv(args: argparse.Namespace) -> int:
     threads, shapes = _thread_counts(args.threads), _shapes(args.shapes)
     print(environment_note())
     bandwidth = {t: Bandwidth(t) for t in threads}
+    print(page_note(threads))
     print(f"cold working set: {cold_bytes() >> 20} MiB of distinct matrices per format and shape, each starting "
           f"{args.offset} bytes past a 64-byte boundary.  For {args.seconds:g} s per row, a bandwidth read and a pass "
-          "of GEMVs over the set in turn; medians, and % bw = the median of the per-pair ratios (its middle half "
-          "beside it)")
+          "of GEMVs over the set (timed in C, d2m_gemv_pass) in turn; medians, and % bw = the median of the per-pair "
+          "ratios (its middle half beside it).  py GB/s: the same passes with a Python call per GEMV, as the forward "
+          "pass makes them")
     print(f"\n{'format':10} {'shape':>10} {'thr':>3} {'GB/s':>7} {'bw GB/s':>7} {'% bw':>6} {'mid half':>9} "
-          f"{'numpy GB/s':>10} {'x numpy':>8}")
+          f"{'py GB/s':>8} {'numpy GB/s':>10} {'x numpy':>8}")
     rows_out: list[GemvRow] = []
     for fmt in args.formats.split(","):
         for rows, cols in shapes:
@@ -441,6 +477,7 @@ def main_decode(args: argparse.Namespace) -> int:
     cfg_dict = qwen05b_dense2moe_config(args.groups, args.group_size, args.top_k, args.vocab)
     cfg = parse_config(cfg_dict)
     print(environment_note())
+    print(page_note(threads))
     bandwidth = {t: Bandwidth(t) for t in threads}
     print(f"model: Qwen2.5-0.5B shapes as a Dense2MoE, {args.groups} layers, {args.group_size} experts top-"
           f"{args.top_k}, vocab {args.vocab}, tied LM head (kept in the float storage by quantize); each format "

@@ -620,6 +620,7 @@ def test_bench_gemv_and_decode_rows(tmp_path, monkeypatch, capsys):
         assert {"format", "shape", "threads", "gbps", "bandwidth_gbps", "ratio_to_bandwidth", "ratio_to_numpy"} <= set(r)
         assert r["shape"] == "33x100" and r["offset"] == 16 and r["gbps"] > 0 and r["bandwidth_gbps"] > 0
         assert r["pairs"] >= 5 and r["ratio_quartiles"][0] <= r["ratio_to_bandwidth"] <= r["ratio_quartiles"][1]
+        assert r["python_gbps"] > 0 and "4 KiB pages" in text
     out.write_text("mine")
     status, text, err = call(bench.main, argv, capsys)
     assert status == 2 and "--force" in err and out.read_text() == "mine" and "GB/s" not in text
@@ -644,6 +645,30 @@ def test_bench_paired_ratio_is_per_pair():
     p = bench_kernels.paired(lambda: next(rates), bw, per_byte=10e9, seconds=0.0, min_pairs=5)
     assert p.ratios == pytest.approx([0.5, 0.5, 0.4, 0.25, 0.5])
     assert (p.ratio, p.rate, p.bandwidth) == (pytest.approx(0.5), 2.0, 50.0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+def test_bench_buffers_are_on_small_pages():
+    """The bandwidth buffer and the matrices are mappings of their own with huge pages refused
+    (VmFlags 'nh'), as a memory-mapped checkpoint is not on huge pages; NumPy's own big arrays
+    would be ('hg': it asks for them), which made the reference read faster than the weights."""
+    from d2m_ref import bench_kernels
+    a = bench_kernels._aligned(8 << 20, offset=16)
+    assert a.ctypes.data % 64 == 16 and a.nbytes == 8 << 20 and a.flags.writeable
+
+    def flags_at(address: int) -> set[str]:
+        region = None
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                region = lo <= address < hi
+            elif region and line.startswith("VmFlags:"):
+                return set(line.split()[1:])
+        raise AssertionError(f"no mapping holds {address:#x}")
+
+    assert "nh" in flags_at(a.ctypes.data)
+    assert "nh" not in flags_at(np.empty(8 << 20, np.uint8).ctypes.data)
 
 
 def test_bench_decode_checkpoints_removed_as_it_goes(tmp_path):
