@@ -3,13 +3,14 @@
 Implements spec/format.md §1 (checkpoint tensor names).  Every tensor stays in its storage format
 (memory-mapped safetensors, or an in-memory array) until an op asks for it in the compute dtype:
 `Param.load(dtype)` converts that one matrix, the caller drops it after use, so no full-precision
-copy of the model ever exists (spec/architecture.md §6, streaming).  Quantised weights (storage
+copy of the model ever exists (spec/architecture.md §6, streaming).  Vectors (norm weights,
+biases: a few KB each, read by every decode step) are the exception: converted once and kept.  Quantised weights (storage
 Q8 / Q4G{32,64,128}, spec/quant.md) keep both parts mapped and dequantise the same way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -40,6 +41,8 @@ class Param:
     shape: tuple[int, ...]
     _raw: Callable[[], np.ndarray]
     _scales: Callable[[], np.ndarray] | None = None  # quantised storage only
+    # vectors only (norm weights, biases; a few KB each): dtype -> the converted copy, read-only
+    _vectors: dict = field(default_factory=dict, repr=False)
 
     def raw(self) -> np.ndarray:
         return self._raw()
@@ -50,6 +53,17 @@ class Param:
         return self._scales()
 
     def load(self, dtype: np.dtype) -> np.ndarray:
+        if len(self.shape) == 1:  # every decode step reads them: converted once, a copy kept
+            key = np.dtype(dtype)
+            vector = self._vectors.get(key)
+            if vector is None:
+                vector = np.array(self._convert(key), dtype=key)  # a copy: no view of the mapped file
+                vector.setflags(write=False)
+                self._vectors[key] = vector
+            return vector
+        return self._convert(dtype)
+
+    def _convert(self, dtype: np.dtype) -> np.ndarray:
         if self._scales is not None:
             return quant.dequantize(self.storage, self._raw(), self._scales(), self.shape[-1], dtype)
         return to_float(self._raw(), self.storage, dtype)

@@ -49,6 +49,24 @@ def test_directory_file_and_memory_agree(tmp_path, arrays):
         m.close()
 
 
+def test_vectors_are_converted_once_matrices_never(tmp_path, arrays):
+    """A norm weight is converted once and kept as a read-only copy (not a view of the mapped file:
+    the checkpoint still closes); a matrix is converted afresh on every load."""
+    write(tmp_path, CFG, arrays)
+    m = d2m_ref.load_model(tmp_path)
+    first = logits_of(m)
+    norm = m.weights.norm
+    v = norm.load(np.float32)
+    assert v is norm.load(np.float32) and not v.flags.writeable
+    assert not np.shares_memory(v, norm.raw())
+    np.testing.assert_array_equal(v, norm.raw())
+    assert norm.load(np.float64).dtype == np.float64
+    matrix = m.weights.lm_head
+    assert matrix.load(np.float64) is not matrix.load(np.float64)
+    np.testing.assert_array_equal(logits_of(m), first)
+    m.close()  # a kept view of the mapping would make this raise BufferError
+
+
 def test_config_from_metadata_alone(tmp_path, arrays):
     """A single safetensors file with the config in __metadata__['config'] is enough."""
     write(tmp_path, CFG, arrays, metadata={"config": json.dumps(CFG)}, config_json=False)
