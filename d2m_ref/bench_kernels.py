@@ -12,7 +12,10 @@ turn, so every call streams its weights from DRAM) at expert-sized shapes, on 1 
 Each matrix starts on a 64-byte boundary, as in a checkpoint d2m_ref writes (spec/format.md
 §1.1); `--offset B` starts them B bytes past one instead, as a file written elsewhere may.
 Prints GB/s of weight bytes read, % of bandwidth, and the ratio to NumPy's reference kernel
-(NumpyKernels.linear: convert, then BLAS) on the same matrices.
+(NumpyKernels.linear: convert, then BLAS) on the same matrices.  A pass is timed in C
+(d2m_gemv_pass: a full d2m_gemv call per matrix, checks and activation preparation included), so
+the rate is the kernels'; the same passes with a Python call per GEMV, as the forward pass makes
+them, are printed beside it (py GB/s: the binding costs 2-6 µs a call).
 
 decode: tokens/s of a Qwen2.5-0.5B-shaped Dense2MoE (random weights) on the C and NumPy paths,
 float32 compute, beside its roofline bound: bandwidth / bytes of weights read per token.  Each
@@ -24,7 +27,9 @@ The machines here are shared and their memory bandwidth varies from moment to mo
 sample of the job is taken right after a bandwidth read and judged against it: a pass of GEMVs
 over the whole cold set (the same bytes as a read), or one decode step.  Reported: the medians
 of rates and reads, and the median of the per-pair ratios with its middle half.  The bandwidth is this
-machine's read rate by the C streaming loop (`measure_bandwidth`).  numpy's OpenBLAS honours
+machine's read rate by the C streaming loop (`measure_bandwidth`), over memory on 4 KiB pages as
+the weights are: memory-mapped checkpoints are not on huge pages, and the benchmarks' matrices
+are kept off them too (`_aligned`); the same read on 2 MiB pages is printed for comparison.  numpy's OpenBLAS honours
 OPENBLAS_CORETYPE, which may be set to an older kernel on this workplace: for a fair comparison
 run with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` (the output says which kernel it ran).
 """
