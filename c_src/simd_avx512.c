@@ -124,10 +124,10 @@ static inline __m512 load_scales(const uint16_t *p, int shift) {
  * Memory: the group's rows are adjacent, so the prefetches walk them as one stream, a cache line
  * per row and step, PREFETCH_Q4 bytes ahead (the hardware prefetcher alone left 896×4864 at 45 %
  * of DRAM bandwidth; 4 KiB ahead measured 65 %, 8 KiB 90 %, 16 KiB 88 %), and each row's scales
- * as far ahead in weight terms (two threads: +4 to +8 points of bandwidth, one thread: +2).  The weight vector is
- * loaded once and kept in a register (the empty asm): folded into both the AND and the shift, it
- * was read twice, and on rows not 64-byte aligned every read splits over two cache lines (a
- * NumPy array's data starts 16 bytes into a line): 33 → 41 GB/s on such rows. */
+ * as far ahead in weight terms (two threads: +4 to +8 points of bandwidth, one thread: +2).  The
+ * weight vector is loaded once and kept in a register (the empty asm): folded into both the AND
+ * and the shift, it was read twice, and on rows not 64-byte aligned every read splits over two
+ * cache lines (a NumPy array's data starts 16 bytes into a line): 33 → 41 GB/s on such rows. */
 #define Q4_ROWS 2
 #define Q4_PAIR_MAX_BLOCKS 64  /* rows of at most 2048 columns are formed in pairs */
 #define PREFETCH_Q4 8192

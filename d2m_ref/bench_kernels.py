@@ -26,11 +26,11 @@ The machines here are shared and their memory bandwidth varies from moment to mo
 2-vCPU VM this was written on, two-thread reads swing between about 50 and 85 GB/s), so every
 sample of the job is taken right after a bandwidth read and judged against it: a pass of GEMVs
 over the whole cold set (the same bytes as a read), or one decode step.  Reported: the medians
-of rates and reads, and the median of the per-pair ratios with its middle half.  The bandwidth is this
-machine's read rate by the C streaming loop (`measure_bandwidth`), over memory on 4 KiB pages as
-the weights are: memory-mapped checkpoints are not on huge pages, and the benchmarks' matrices
-are kept off them too (`_aligned`); the same read on 2 MiB pages is printed for comparison.  numpy's OpenBLAS honours
-OPENBLAS_CORETYPE, which may be set to an older kernel on this workplace: for a fair comparison
+of rates and reads, and the median of the per-pair ratios with its middle half.  The bandwidth is
+this machine's read rate by the C streaming loop (`measure_bandwidth`), over memory on 4 KiB pages
+as the weights are: memory-mapped checkpoints are not on huge pages, and the benchmarks' matrices
+are kept off them too (`_aligned`); the same read on 2 MiB pages is printed for comparison.
+numpy's OpenBLAS honours OPENBLAS_CORETYPE, which may be set to an older kernel on this workplace: for a fair comparison
 run with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` (the output says which kernel it ran).
 """
 
@@ -93,7 +93,7 @@ def all_threads() -> int:
 def _aligned(nbytes: int, offset: int = 0) -> np.ndarray:
     """uint8 [nbytes] starting `offset` bytes past a 64-byte boundary, in its own anonymous mapping
     on 4 KiB pages, as memory-mapped weights are: NumPy asks for 2 MiB pages for arrays of 4 MiB and
-    more (fewer TLB misses: a 256 MiB read measured 3-5 % faster here), which would give the
+    more (fewer TLB misses: a 256 MiB read measured 3-10 % faster here), which would give the
     bandwidth read and the big matrices an advantage the checkpoint's weights do not have."""
     size = nbytes + offset + 64
     size += -size % mmap.PAGESIZE

@@ -4,8 +4,9 @@ Implements spec/format.md §1 (checkpoint tensor names).  Every tensor stays in 
 (memory-mapped safetensors, or an in-memory array) until an op asks for it in the compute dtype:
 `Param.load(dtype)` converts that one matrix, the caller drops it after use, so no full-precision
 copy of the model ever exists (spec/architecture.md §6, streaming).  Vectors (norm weights,
-biases: a few KB each, read by every decode step) are the exception: converted once and kept.  Quantised weights (storage
-Q8 / Q4G{32,64,128}, spec/quant.md) keep both parts mapped and dequantise the same way.
+biases: a few KB each, read by every decode step) are the exception: converted once and kept.
+Quantised weights (storage Q8 / Q4G{32,64,128}, spec/quant.md) keep both parts mapped and
+dequantise the same way.
 """
 
 from __future__ import annotations
