@@ -187,6 +187,21 @@ class _MLP:
         self.ptr, self.hidden, self.width, self.keep = ptr, hidden, width, keep
 
 
+class _ExpertSet:
+    """The E experts of one MoE layer as one d2m_mlp[E] array (None when C cannot take one of
+    them); `refs` are weak references to those experts, `scratch` caches bytes per k."""
+
+    __slots__ = ("refs", "array", "hidden", "keep", "scratch")
+
+    def __init__(self, experts, array, hidden: int, keep: tuple):
+        self.refs = tuple(weakref.ref(e) for e in experts)
+        self.array, self.hidden, self.keep = array, hidden, keep
+        self.scratch: dict[int, int] = {}
+
+    def describes(self, experts) -> bool:
+        return len(self.refs) == len(experts) and all(r() is e for r, e in zip(self.refs, experts))
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -215,6 +230,7 @@ class CKernels:
         self._numpy = NumpyKernels()
         self._matrices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._mlps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._expert_sets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first expert -> set
         self._local = threading.local()
 
     def __repr__(self) -> str:
@@ -241,6 +257,22 @@ class CKernels:
             mlp = _MLP(ptr, gate.cols, gate.rows, (gate, up, down))
         self._mlps[w] = mlp
         return mlp
+
+    def _expert_set(self, experts) -> _ExpertSet:
+        """A layer's experts described once (a decode step asks for them every layer), held weakly
+        through the first expert so a dropped model takes its entry with it."""
+        found = self._expert_sets.get(experts[0])
+        if found is not None and found.describes(experts):
+            return found
+        mlps = [self._mlp(e) for e in experts]
+        array, hidden = None, 0
+        if all(m is not None for m in mlps):
+            array = ffi.new("d2m_mlp[]", len(mlps))
+            for i, m in enumerate(mlps):
+                array[i] = m.ptr[0]
+            hidden = mlps[0].hidden
+        found = self._expert_sets[experts[0]] = _ExpertSet(experts, array, hidden, tuple(mlps))
+        return found
 
     def _scratch(self, nbytes: int):
         buf = getattr(self._local, "scratch", None)
@@ -301,23 +333,22 @@ class CKernels:
         that loop."""
         if x.dtype != np.float32 or x.shape[0] != 1:
             return experts_topk_loop(self if x.dtype == np.float32 else self._numpy, x, experts, topk_ids, topk_weights)
-        ids = np.asarray(topk_ids[0])
-        order = np.argsort(ids, kind="stable")
-        mlps = [self._mlp(experts[int(e)]) for e in ids[order]]
-        if any(m is None for m in mlps) or not 1 <= len(mlps) <= lib.D2M_MAX_TOPK:
+        k = topk_ids.shape[1]
+        group = self._expert_set(experts)
+        if group.array is None or not 1 <= k <= lib.D2M_MAX_TOPK:
             return experts_topk_loop(self, x, experts, topk_ids, topk_weights)
-        k, hidden = len(mlps), mlps[0].hidden
-        x = self._input(x, hidden, "experts_topk")
-        chosen = ffi.new("d2m_mlp[]", k)
-        for j, m in enumerate(mlps):
-            chosen[j] = m.ptr[0]
-        slots = ffi.new("int32_t[]", list(range(k)))
-        weights = ffi.new("float[]", [float(v) for v in np.asarray(topk_weights[0], dtype=np.float32)[order]])
-        need = lib.d2m_topk_scratch_bytes(chosen, k, k)
-        y = np.empty((1, hidden), dtype=np.float32)
-        _check(lib.d2m_experts_topk(ffi.from_buffer("float[]", y, require_writable=True), chosen, k, slots, weights,
-                                    k, ffi.from_buffer("float[]", x), self._scratch(need), need, self._ctx),
-               "experts_topk")
+        # increasing expert id, the reference loop's order; C refuses ids outside 0..E-1
+        chosen = sorted(zip(np.asarray(topk_ids[0]).tolist(), np.asarray(topk_weights[0], np.float32).tolist()))
+        ids = ffi.new("int32_t[]", [e for e, _ in chosen])
+        weights = ffi.new("float[]", [w for _, w in chosen])
+        need = group.scratch.get(k)
+        if need is None:
+            need = group.scratch[k] = lib.d2m_topk_scratch_bytes(group.array, len(experts), k)
+        x = self._input(x, group.hidden, "experts_topk")
+        y = np.empty((1, group.hidden), dtype=np.float32)
+        _check(lib.d2m_experts_topk(ffi.from_buffer("float[]", y, require_writable=True), group.array, len(experts),
+                                    ids, weights, k, ffi.from_buffer("float[]", x), self._scratch(need), need,
+                                    self._ctx), "experts_topk")
         return y
 
     # -- for tests and benchmarks ---------------------------------------------------------------

@@ -346,6 +346,29 @@ def test_topk_equals_the_reference_loop_over_c_experts(storage, hidden, width, E
         assert np.all(np.abs(loop - ref) <= total * 1.01 + 8 * U * np.abs(ref)), path
 
 
+def test_topk_layer_descriptions_are_per_experts_and_refuse_bad_ids():
+    """The top-k call describes a layer's experts once; another set sharing its first expert (a
+    new list that may even reuse the first one's id) gets its own answer, an expert id outside
+    0..E-1 is refused (not wrapped like a Python index), and a dropped model takes its entry."""
+    import gc
+    rng = np.random.default_rng(9)
+    experts = [make_mlp("Q4G32", 40, 24, rng) for _ in range(4)]
+    x = make_input("Q4G32", 1, 40, rng)
+    ids, weights = np.array([[1, 0]]), np.array([[0.7, 0.3]], np.float32)
+    c = ckernels.CKernels(threads=1)
+    for members in ([0, 1, 2], [0, 3, 2], [0, 2, 1]):  # same first expert, other second and third
+        chosen = [experts[m] for m in members]
+        np.testing.assert_array_equal(c.experts_topk(x, chosen, ids, weights),
+                                      experts_topk_loop(c, x, chosen, ids, weights))
+    for bad in ([[3, 0]], [[-1, 0]]):
+        with pytest.raises(ckernels.CKernelsError, match="experts_topk"):
+            c.experts_topk(x, experts[:3], np.array(bad), weights)
+    assert len(c._expert_sets) == 1
+    del experts, chosen
+    gc.collect()
+    assert len(c._expert_sets) == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # CKernels in the forward pass
 
