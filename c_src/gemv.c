@@ -52,14 +52,19 @@ size_t d2m_matrix_bytes(const d2m_matrix *w) {
 }
 
 int d2m_chunk_rows(const d2m_ctx *ctx, const d2m_matrix *w) {
-    const size_t bytes = d2m_matrix_bytes(w), row_bytes = bytes / (size_t)w->rows;
-    size_t target = ctx->chunk_bytes;
-    if (target == 0) {
-        target = bytes / (4 * (size_t)ctx->threads);
-        target = target < D2M_CHUNK_MIN_BYTES ? D2M_CHUNK_MIN_BYTES : target > D2M_CHUNK_MAX_BYTES ? D2M_CHUNK_MAX_BYTES : target;
+    const size_t bytes = d2m_matrix_bytes(w), rows = (size_t)w->rows;
+    if (ctx->chunk_bytes == 0) {  /* each thread's share in k equal chunks (internal.h) */
+        const size_t share = bytes / (size_t)ctx->threads;
+        size_t k = share / D2M_CHUNK_MIN_BYTES;
+        k = k < 1 ? 1 : k > D2M_CHUNKS_PER_THREAD ? D2M_CHUNKS_PER_THREAD : k;
+        const size_t k_max = (share + D2M_CHUNK_MAX_BYTES - 1) / D2M_CHUNK_MAX_BYTES;
+        k = k < k_max ? k_max : k;
+        const size_t chunks = k * (size_t)ctx->threads;
+        return (int)((rows + chunks - 1) / chunks);
     }
-    const size_t n = target / (row_bytes ? row_bytes : 1);
-    return n < 1 ? 1 : n > (size_t)w->rows ? w->rows : (int)n;
+    const size_t row_bytes = bytes / rows;
+    const size_t n = ctx->chunk_bytes / (row_bytes ? row_bytes : 1);
+    return n < 1 ? 1 : n > rows ? w->rows : (int)n;
 }
 
 /* Activations of n_tok tokens [n_tok][cols]; for the integer formats quantised into scratch, in
