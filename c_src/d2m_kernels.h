@@ -68,9 +68,9 @@ const char *d2m_ctx_path(const d2m_ctx *ctx);
 int d2m_ctx_threads(const d2m_ctx *ctx);
 /* How work is split (results never depend on it): a call reading fewer than parallel_min_bytes of
  * weights runs on the calling thread (default 1 MiB); rows go to threads in chunks of about
- * chunk_bytes of weights (at least one row; by default each thread's share in 1 to 4 equal chunks
- * of at least 1 MiB, more when a chunk would pass 2 MiB, which chunk_bytes 0 restores).  Tests
- * set both small. */
+ * chunk_bytes of weights (at least one row; by default each thread's share in equal chunks: one
+ * per MiB of the share, 1 to 4, more when a chunk would pass 2 MiB; chunk_bytes 0 restores that).
+ * Tests set both small. */
 int d2m_ctx_tune(d2m_ctx *ctx, size_t parallel_min_bytes, size_t chunk_bytes);
 
 /* Paths compiled into this build, best first; supported = this CPU can run it. */

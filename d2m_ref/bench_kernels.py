@@ -23,7 +23,7 @@ format's model is written to a checkpoint (`quantize` for the integer formats) a
 memory-mapped, as `python -m d2m_ref.run --weights` does.
 
 The machines here are shared and their memory bandwidth varies from moment to moment (on the
-2-vCPU VM this was written on, two-thread reads swing between about 50 and 85 GB/s), so every
+2-vCPU VM this was written on, two-thread reads switch between about 48-55 and 68-85 GB/s), so every
 sample of the job is taken right after a bandwidth read and judged against it: a pass of GEMVs
 over the whole cold set (the same bytes as a read), or one decode step.  Reported: the medians
 of rates and reads, and the median of the per-pair ratios with its middle half.  The bandwidth is
@@ -99,7 +99,10 @@ def _aligned(nbytes: int, offset: int = 0) -> np.ndarray:
     size += -size % mmap.PAGESIZE
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        region.madvise(mmap.MADV_NOHUGEPAGE)
+        try:
+            region.madvise(mmap.MADV_NOHUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages: small pages anyway
+            pass
     return np.frombuffer(region, np.uint8)[offset:offset + nbytes]  # the array keeps the mapping alive
 
 
@@ -125,31 +128,35 @@ class Bandwidth:
             self.kernels = ckernels.CKernels(threads=threads)
             self.kernels.tune(parallel_min_bytes=0, chunk_bytes=1 << 16)
 
-    def read(self) -> float:
+    def read(self, buf: np.ndarray | None = None) -> float:
+        """One read of self.buf (or of buf: 64-byte aligned, a multiple of 64 bytes)."""
+        buf = self.buf if buf is None else buf
         t = time.perf_counter()
         if self.kernels is not None:
-            self.kernels.stream_read(self.buf)
+            self.kernels.stream_read(buf)
         else:
-            self.buf.view(np.uint64).sum()
-        return self.nbytes / (time.perf_counter() - t) / GB
+            buf.view(np.uint64).sum()
+        return buf.nbytes / (time.perf_counter() - t) / GB
 
 
-def page_note(threads: list[int]) -> str:
-    """One line: the bandwidth reads (4 KiB pages, like memory-mapped weights) beside the same read
-    of an array on 2 MiB pages, the best of 3 each, so a reader sees what the page size is worth."""
+def page_note(bandwidth: dict[int, Bandwidth]) -> str:
+    """One line: the bandwidth reads (small pages, like memory-mapped weights) beside the same read
+    of an array NumPy allocated (it asks for 2 MiB pages at this size), the best of 3 each, so a
+    reader sees what the page size is worth."""
+    small = f"{mmap.PAGESIZE // 1024} KiB"
     if not ckernels.available():
-        return "bandwidth: NumPy summing the buffer (no C extension), 4 KiB pages"
-    parts = []
-    for t in threads:
-        small, huge = Bandwidth(t), Bandwidth(t)
-        raw = np.empty(huge.nbytes + 64, np.uint8)  # NumPy asks for 2 MiB pages (madvise) at this size
-        huge.buf = raw[-raw.ctypes.data % 64:][:huge.nbytes]
-        huge.buf[...] = 1
-        parts.append(f"{t} thread{'s' if t > 1 else ''}: {max(small.read() for _ in range(3)):.1f} GB/s on 4 KiB "
-                     f"pages, {max(huge.read() for _ in range(3)):.1f} on 2 MiB")
-        del huge
-    return ("bandwidth reads: memory on 4 KiB pages, as memory-mapped weights are (best of 3: "
-            + "; ".join(parts) + ")")
+        return f"bandwidth: NumPy summing the buffer (no C extension), {small} pages"
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    huge_pages = thp.exists() and "[never]" not in thp.read_text()
+    nbytes = next(iter(bandwidth.values())).nbytes
+    raw = np.empty(nbytes + 64, np.uint8)
+    other = raw[-raw.ctypes.data % 64:][:nbytes]
+    other[...] = 1
+    parts = [f"{t} thread{'s' if t > 1 else ''}: {max(bw.read() for _ in range(3)):.1f} GB/s, "
+             f"{max(bw.read(other) for _ in range(3)):.1f} on NumPy's array" for t, bw in bandwidth.items()]
+    return (f"bandwidth reads: memory on {small} pages, as memory-mapped weights are; NumPy's own array "
+            f"{'may be on 2 MiB pages' if huge_pages else 'is on small pages too (no transparent huge pages)'} "
+            "(best of 3: " + "; ".join(parts) + ")")
 
 
 def measure_bandwidth(threads: int = 1, nbytes: int | None = None, repeats: int = 5) -> float:
@@ -377,7 +384,7 @@ def main_gemv(args: argparse.Namespace) -> int:
     threads, shapes = _thread_counts(args.threads), _shapes(args.shapes)
     print(environment_note())
     bandwidth = {t: Bandwidth(t) for t in threads}
-    print(page_note(threads))
+    print(page_note(bandwidth))
     print(f"cold working set: {cold_bytes() >> 20} MiB of distinct matrices per format and shape, each starting "
           f"{args.offset} bytes past a 64-byte boundary.  For {args.seconds:g} s per row, a bandwidth read and a pass "
           "of GEMVs over the set (timed in C, d2m_gemv_pass) in turn; medians, and % bw = the median of the per-pair "
@@ -482,8 +489,8 @@ def main_decode(args: argparse.Namespace) -> int:
     cfg_dict = qwen05b_dense2moe_config(args.groups, args.group_size, args.top_k, args.vocab)
     cfg = parse_config(cfg_dict)
     print(environment_note())
-    print(page_note(threads))
     bandwidth = {t: Bandwidth(t) for t in threads}
+    print(page_note(bandwidth))
     print(f"model: Qwen2.5-0.5B shapes as a Dense2MoE, {args.groups} layers, {args.group_size} experts top-"
           f"{args.top_k}, vocab {args.vocab}, tied LM head (kept in the float storage by quantize); each format "
           f"written to a checkpoint and memory-mapped.  {args.tokens} decode steps on C ({args.numpy_tokens} on "

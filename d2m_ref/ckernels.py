@@ -331,8 +331,12 @@ class CKernels:
         One token: one C call for its K experts, added in increasing expert id (the reference's
         order), bit-identical to the reference loop over this class's `expert`.  More tokens:
         that loop."""
-        if x.dtype != np.float32 or x.shape[0] != 1:
+        if x.dtype != np.float32 or x.shape[0] != 1 or not experts:
             return experts_topk_loop(self if x.dtype == np.float32 else self._numpy, x, experts, topk_ids, topk_weights)
+        topk_ids, topk_weights = np.asarray(topk_ids), np.asarray(topk_weights)
+        if topk_ids.ndim != 2 or topk_ids.shape[0] != 1 or topk_weights.shape != topk_ids.shape:
+            raise ValueError(f"experts_topk: one token's ids and weights must both be [1, K], found "
+                             f"{list(topk_ids.shape)} and {list(topk_weights.shape)}")
         k = topk_ids.shape[1]
         group = self._expert_set(experts)
         if group.array is None or not 1 <= k <= lib.D2M_MAX_TOPK:

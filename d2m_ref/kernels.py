@@ -65,6 +65,10 @@ def experts_topk_loop(kernels, x: np.ndarray, experts, topk_ids: np.ndarray, top
     """The reference order of the routed sum: experts in increasing id, each on the tokens that chose
     it, y[tokens] += weight · expert(x[tokens]) starting from zeros.  model.moe reaches it through
     the kernel set's experts_topk."""
+    topk_ids = np.asarray(topk_ids)
+    if topk_ids.size and (topk_ids.min() < 0 or topk_ids.max() >= len(experts)):
+        raise InputError(f"expert ids must be in 0..{len(experts) - 1}, found {int(topk_ids.min())}.."
+                         f"{int(topk_ids.max())}")  # a negative id would wrap like a Python index
     y = np.zeros_like(x)
     for e in np.unique(topk_ids):
         tokens, slots = np.nonzero(topk_ids == e)  # a token picks an expert at most once

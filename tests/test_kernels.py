@@ -354,19 +354,38 @@ def test_topk_layer_descriptions_are_per_experts_and_refuse_bad_ids():
     rng = np.random.default_rng(9)
     experts = [make_mlp("Q4G32", 40, 24, rng) for _ in range(4)]
     x = make_input("Q4G32", 1, 40, rng)
-    ids, weights = np.array([[1, 0]]), np.array([[0.7, 0.3]], np.float32)
+    ids, weights = np.array([[2, 0, 1]]), np.array([[0.5, 0.3, 0.2]], np.float32)  # 3 terms: order shows
     c = ckernels.CKernels(threads=1)
     for members in ([0, 1, 2], [0, 3, 2], [0, 2, 1]):  # same first expert, other second and third
         chosen = [experts[m] for m in members]
         np.testing.assert_array_equal(c.experts_topk(x, chosen, ids, weights),
                                       experts_topk_loop(c, x, chosen, ids, weights))
-    for bad in ([[3, 0]], [[-1, 0]]):
+    described = c._expert_sets[experts[0]]
+    c.experts_topk(x, chosen, ids, weights)
+    assert c._expert_sets[experts[0]] is described  # not described again
+    for bad in ([[3, 0, 1]], [[-1, 0, 1]]):
         with pytest.raises(ckernels.CKernelsError, match="experts_topk"):
             c.experts_topk(x, experts[:3], np.array(bad), weights)
+        with pytest.raises(d2m_ref.InputError, match="expert ids must be in 0..2"):
+            experts_topk_loop(c, x, experts[:3], np.array(bad), weights)
+    with pytest.raises(ValueError, match=r"\[1, 3\] and \[1, 2\]"):
+        c.experts_topk(x, experts[:3], ids, weights[:, :2])
     assert len(c._expert_sets) == 1
     del experts, chosen
     gc.collect()
     assert len(c._expert_sets) == 0
+
+
+@pytest.mark.parametrize("storage, rows, cols", [("Q4G32", 2200, 2048), ("F16", 1, 1 << 20), ("Q8", 3, 400_000)])
+def test_default_chunks_do_not_change_results(storage, rows, cols):
+    """With the automatic chunk size (matrices over the 1 MiB parallel threshold, cut into each
+    thread's equal chunks) every thread count gives the same bits, a one-row matrix included."""
+    w = make_weight(storage, rows, cols, np.random.default_rng(11))
+    assert w.nbytes > 1 << 20
+    x = np.random.default_rng(12).standard_normal((1, cols)).astype(np.float32)
+    one = ckernels.CKernels(threads=1).linear(x, w)
+    for threads in (2, 3):
+        np.testing.assert_array_equal(ckernels.CKernels(threads=threads).linear(x, w), one)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -387,10 +387,15 @@ static void refusals(void) {
     uint64_t sum;
     CHECK(d2m_stream_read(&sum, w, 100, ctx) == D2M_ERR_SIZE, "stream size");
     double seconds = -1.0;
-    d2m_matrix pair[2] = {m, m};
+    d2m_matrix pair[2] = {m, m}, three[3] = {m, m, m};
     pair[1].cols = 0;
     CHECK(d2m_gemv_pass(&seconds, y, pair, 1, x, NULL, 0, ctx) == D2M_OK && seconds >= 0.0, "pass");
     CHECK(d2m_gemv_pass(&seconds, y, pair, 2, x, NULL, 0, ctx) == D2M_ERR_SIZE, "pass: the 2nd matrix's error");
+    for (int bad_at = 0; bad_at < 3; bad_at++) {  /* every matrix of the pass is run */
+        three[bad_at].rows = 0;
+        CHECK(d2m_gemv_pass(&seconds, y, three, 3, x, NULL, 0, ctx) == D2M_ERR_SIZE, "pass: matrix %d not run", bad_at);
+        three[bad_at].rows = m.rows;
+    }
     CHECK(d2m_gemv_pass(&seconds, y, pair, 0, x, NULL, 0, ctx) == D2M_ERR_SIZE, "pass: no matrices");
     CHECK(d2m_gemv_pass(NULL, y, pair, 1, x, NULL, 0, ctx) == D2M_ERR_NULL, "pass: NULL seconds");
     d2m_ctx_destroy(ctx);
