@@ -55,6 +55,14 @@ static int cpu_any(void) {
 }
 
 #if defined(D2M_HAVE_AVX2)
+/* The register state the OS saves (XCR0, low half; only read once OSXSAVE is seen in cpuid). */
+static unsigned xcr0(void) {
+    unsigned lo, hi;
+    __asm__ __volatile__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    (void)hi;
+    return lo;
+}
+
 /* AVX2 + FMA + F16C, and the OS saves the YMM registers (OSXSAVE, XCR0 bits 1 and 2). */
 static int cpu_avx2(void) {
     unsigned a, b, c, d;
@@ -63,10 +71,7 @@ static int cpu_avx2(void) {
     const int fma = (c >> 12) & 1, osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, f16c = (c >> 29) & 1;
     if (!(fma && osxsave && avx && f16c))
         return 0;
-    unsigned xcr0_lo, xcr0_hi;
-    __asm__ __volatile__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
-    (void)xcr0_hi;
-    if ((xcr0_lo & 6u) != 6u)
+    if ((xcr0() & 6u) != 6u)
         return 0;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d))
         return 0;
@@ -84,10 +89,7 @@ static int cpu_avx512(void) {
     const int f = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1, vnni = (c >> 11) & 1;
     if (!(f && bw && vl && vnni))
         return 0;
-    unsigned xcr0_lo, xcr0_hi;
-    __asm__ __volatile__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
-    (void)xcr0_hi;
-    return (xcr0_lo & 0xe6u) == 0xe6u;
+    return (xcr0() & 0xe6u) == 0xe6u;
 }
 #endif
 

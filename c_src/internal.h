@@ -73,12 +73,11 @@ struct d2m_ctx {
 #define D2M_DEFAULT_PARALLEL_MIN_BYTES ((size_t)1 << 20)
 /* Default chunks: each thread's share of a matrix cut into k equal runs of rows, k = share / 1 MiB
  * within 1..D2M_CHUNKS_PER_THREAD, raised until a chunk is at most 2 MiB (a share under 1 MiB is
- * one chunk, however small).  Long runs keep each
- * thread's stream sequential (every chunk restarts the prefetch): 64 KiB chunks measured 42-46
- * GB/s for f32 on 2 threads, 256 KiB 52-61 (the streaming read: 49-56); a 2.25 MB int4 expert
- * matrix on 2 threads went from 78-81 % of the read in 280 KB chunks to 90-91 % in one chunk per
- * thread (paired, in one process).  Several chunks per thread on big matrices keep threads busy
- * to the end when one is slowed. */
+ * one chunk, however small).  Long runs keep each thread's stream sequential (every chunk
+ * restarts the prefetch): 64 KiB chunks measured 42-46 GB/s for f32 on 2 threads, 256 KiB 52-61
+ * (the streaming read: 49-56); a 2.25 MB int4 expert matrix on 2 threads went from 78-81 % of the
+ * read in 280 KB chunks to 90-91 % in one chunk per thread (paired, in one process).  Several
+ * chunks per thread on big matrices keep threads busy to the end when one is slowed. */
 #define D2M_CHUNK_MIN_BYTES ((size_t)1 << 20)
 #define D2M_CHUNK_MAX_BYTES ((size_t)1 << 21)
 #define D2M_CHUNKS_PER_THREAD 4

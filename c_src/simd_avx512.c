@@ -225,8 +225,9 @@ void d2m_dot_q4g_avx512(float *out, const d2m_matrix *w, int r0, int r1, const d
 /* 16-lane FMA over 4 accumulators (64 columns a step).  With 512-bit vectors the widening
  * (VCVTPH2PS / zero extension and shift) costs half the instructions of the AVX2 unit's loop, which
  * was close to compute-bound at DRAM speed.  Non-temporal prefetch PREFETCH_WIDE bytes ahead
- * (weights are read once; NTA keeps x in L1): measured here, on a cold set of 256 MiB, 2 KiB
- * ahead 34.8-38.3 GB/s on 1 thread, 8 KiB 41.1-44.2 (the streaming read: 42-44). */
+ * (weights are read once; meant to leave x in L1, which holds on short rows: on 4864-column rows
+ * the 19 KB x row is still evicted, README): measured here, on a cold set of 256 MiB, 2 KiB ahead
+ * 34.8-38.3 GB/s on 1 thread, 8 KiB 41.1-44.2 (the streaming read: 42-44). */
 #define PREFETCH_WIDE 8192
 
 /* float32 [16] from 16 f16 / bf16 weights */
@@ -238,7 +239,7 @@ static inline __m512 load16_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-#define WIDE_DOT(NAME, TYPE, LOAD16, WIDEN, PREFETCH_AHEAD)                                       \
+#define WIDE_DOT(NAME, TYPE, LOAD16, WIDEN)                                                       \
     static inline float NAME##_row(const d2m_matrix *w, int row, const d2m_act *x) {            \
         const int n = w->cols;                                                                  \
         const TYPE *a = (const TYPE *)w->data + (size_t)row * (size_t)n;                        \
@@ -247,9 +248,8 @@ static inline __m512 load16_bf16(const uint16_t *p) {
         __m512 s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();                              \
         int i = 0;                                                                              \
         for (; i + 64 <= n; i += 64) {                                                          \
-            if (PREFETCH_AHEAD)                                                                 \
-                for (unsigned line_ = 0; line_ < 64 * sizeof(TYPE); line_ += 64)                \
-                    _mm_prefetch((const char *)(a + i) + PREFETCH_AHEAD + line_, _MM_HINT_NTA); \
+            for (unsigned line_ = 0; line_ < 64 * sizeof(TYPE); line_ += 64)                    \
+                _mm_prefetch((const char *)(a + i) + PREFETCH_WIDE + line_, _MM_HINT_NTA);      \
             s0 = _mm512_fmadd_ps(LOAD16(a + i), _mm512_loadu_ps(b + i), s0);                    \
             s1 = _mm512_fmadd_ps(LOAD16(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);          \
             s2 = _mm512_fmadd_ps(LOAD16(a + i + 32), _mm512_loadu_ps(b + i + 32), s2);          \
@@ -264,8 +264,8 @@ static inline __m512 load16_bf16(const uint16_t *p) {
     }                                                                                           \
     D2M_RANGE(NAME, NAME##_row)
 
-WIDE_DOT(d2m_dot_f16_avx512, uint16_t, load16_f16, d2m_f16_to_f32, PREFETCH_WIDE)
-WIDE_DOT(d2m_dot_bf16_avx512, uint16_t, load16_bf16, d2m_bf16_to_f32, PREFETCH_WIDE)
+WIDE_DOT(d2m_dot_f16_avx512, uint16_t, load16_f16, d2m_f16_to_f32)
+WIDE_DOT(d2m_dot_bf16_avx512, uint16_t, load16_bf16, d2m_bf16_to_f32)
 
 /* ---- Q8 ---- */
 

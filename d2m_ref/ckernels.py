@@ -342,7 +342,7 @@ class CKernels:
         if group.array is None or not 1 <= k <= lib.D2M_MAX_TOPK:
             return experts_topk_loop(self, x, experts, topk_ids, topk_weights)
         # increasing expert id, the reference loop's order; C refuses ids outside 0..E-1
-        chosen = sorted(zip(np.asarray(topk_ids[0]).tolist(), np.asarray(topk_weights[0], np.float32).tolist()))
+        chosen = sorted(zip(topk_ids[0].tolist(), topk_weights[0].astype(np.float32).tolist()))
         ids = ffi.new("int32_t[]", [e for e, _ in chosen])
         weights = ffi.new("float[]", [w for _, w in chosen])
         need = group.scratch.get(k)
