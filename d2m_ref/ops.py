@@ -92,18 +92,22 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: n
                      k_positions: np.ndarray) -> np.ndarray:
     """q [T, Nh, D], k/v [S, Nkv, D], positions [T], [S] -> [T, Nh, D].  spec §3.4.
 
-    Grouped-query: query head h reads key/value head h // (Nh / Nkv).  A query at position p
-    attends to keys at positions <= p.  Scores are scaled by 1/sqrt(D).
+    Grouped-query: query head h reads key/value head h // G, G = Nh / Nkv.  A query at position
+    p attends to keys at positions <= p.  Scores are scaled by 1/sqrt(D).  The G query heads of
+    a key/value head are one [G·T, D] matrix against that head's keys: no copy of the keys per
+    query head, and one matrix product per key/value head (decode reads the whole cache here
+    every step).
     """
     T, Nh, D = q.shape
-    group = Nh // k.shape[1]
-    k = np.repeat(k, group, axis=1)  # [S, Nh, D]
-    v = np.repeat(v, group, axis=1)
-    scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(D).astype(q.dtype)  # [Nh, T, S]
+    S, Nkv, _ = k.shape
+    G = Nh // Nkv
+    q = q.reshape(T, Nkv, G, D).transpose(1, 2, 0, 3).reshape(Nkv, G * T, D)  # head h = kv·G + g
+    scores = np.matmul(q, k.transpose(1, 2, 0)) / np.sqrt(D).astype(q.dtype)  # [Nkv, G·T, S]
+    scores = scores.reshape(Nkv, G, T, S)
     allowed = k_positions[None, :] <= q_positions[:, None]  # [T, S]
-    scores = np.where(allowed[None], scores, -np.inf)
-    probs = softmax(scores, axis=-1)
-    return np.einsum("hts,shd->thd", probs, v)
+    probs = softmax(np.where(allowed, scores, -np.inf), axis=-1)
+    out = np.matmul(probs.reshape(Nkv, G * T, S), v.transpose(1, 0, 2))  # [Nkv, G·T, D]
+    return out.reshape(Nkv, G, T, D).transpose(2, 0, 1, 3).reshape(T, Nh, D)
 
 
 def router_scores(router_logits: np.ndarray, scoring: str) -> np.ndarray:
