@@ -12,7 +12,8 @@ receives the trace tensors of spec/format.md §2 when given.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
@@ -28,19 +29,64 @@ COMPUTE_DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
 ATTENTION_BLOCK_BYTES = 64 * 2**20  # largest attention score block held at once
 
 
+KV_MIN_SLACK = 64  # positions a KV buffer grows by, at least
+
+
+class KVStore:
+    """One attention layer's keys and values in a buffer `data` [2, capacity, Nkv, D] filled up to
+    `filled` positions.  A cache of length S sees the first S positions; appending to it writes in
+    place when nobody has appended past S yet (a decode loop), else into a new buffer, so a second
+    continuation of one cache never changes the first.  spec §6."""
+
+    __slots__ = ("data", "filled")
+    _claim = threading.Lock()  # check-and-advance of `filled`, for caches shared across threads
+
+    def __init__(self, data: np.ndarray, filled: int):
+        self.data, self.filled = data, filled
+
+    def claim(self, length: int, T: int) -> bool:
+        """Whether positions length .. length+T-1 are this cache's to write (and now taken)."""
+        with KVStore._claim:
+            if self.filled != length or length + T > self.data.shape[1]:
+                return False
+            self.filled = length + T
+            return True
+
+
+def append_kv(past_k: np.ndarray, past_v: np.ndarray, store: KVStore | None, k: np.ndarray,
+              v: np.ndarray) -> tuple[np.ndarray, np.ndarray, KVStore]:
+    """[S0, Nkv, D] x2 (+ their store), [T, Nkv, D] x2 -> keys, values [S0+T, Nkv, D] and their
+    store.  spec §3.3.  The first fill (a prompt) gets a buffer of its own size; a cache that must
+    grow gets a quarter more room (KV_MIN_SLACK at least), so a long decode copies each position a
+    few times, not once per step."""
+    S0, T = past_k.shape[0], k.shape[0]
+    S = S0 + T
+    if store is None or not store.claim(S0, T):
+        room = 0 if S0 == 0 else max(KV_MIN_SLACK, S // 4)
+        data = np.empty((2, S + room) + k.shape[1:], k.dtype)
+        data[0, :S0], data[1, :S0] = past_k, past_v
+        store = KVStore(data, S)
+    store.data[0, S0:S], store.data[1, S0:S] = k, v
+    keys, values = store.data[0, :S], store.data[1, :S]
+    keys.flags.writeable = values.flags.writeable = False  # a cache is a value: read-only views
+    return keys, values, store
+
+
 @dataclass(frozen=True)
 class KVCache:
-    """Keys and values of the tokens seen so far: per layer [S, Nkv, D] (None without attention)."""
+    """Keys and values of the tokens seen so far: per layer [S, Nkv, D] (None without attention),
+    views of the layers' KVStore buffers (`stores`)."""
 
     length: int
     keys: tuple[np.ndarray | None, ...]
     values: tuple[np.ndarray | None, ...]
+    stores: tuple[KVStore | None, ...] = field(default=(), repr=False, compare=False)
 
     @staticmethod
     def empty(cfg: ModelConfig, dtype: np.dtype) -> "KVCache":
         shape = (0, cfg.num_key_value_heads, cfg.head_dim)
         kv = tuple(np.zeros(shape, dtype) if s.attention else None for s in cfg.layers)
-        return KVCache(0, kv, kv)
+        return KVCache(0, kv, kv, (None,) * len(cfg.layers))
 
 
 @dataclass(frozen=True)
@@ -90,20 +136,20 @@ def qkv(x: np.ndarray, w: AttentionWeights, rt: Runtime) -> tuple[np.ndarray, np
 
 
 def attention(x: np.ndarray, w: AttentionWeights, positions: np.ndarray, rope: tuple[np.ndarray, np.ndarray],
-              past_k: np.ndarray, past_v: np.ndarray, rt: Runtime) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """[T, H] normed input -> output [T, H] and the layer's keys/values [S, Nkv, D].  spec §3."""
+              past: tuple, rt: Runtime) -> tuple[np.ndarray, tuple]:
+    """[T, H] normed input, past (keys, values [S0, Nkv, D], their KVStore) -> output [T, H] and
+    the layer's (keys, values [S, Nkv, D], store).  spec §3."""
     q, k, v = qkv(x, w, rt)
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys = np.concatenate([past_k, k], axis=0)
-    values = np.concatenate([past_v, v], axis=0)
+    keys, values, store = append_kv(*past, k, v)
     k_positions = np.arange(keys.shape[0])
     # Queries in blocks, so the [Nh, block, S] score matrix stays bounded on long prompts (§6).
     block = max(1, ATTENTION_BLOCK_BYTES // (q.shape[1] * keys.shape[0] * q.dtype.itemsize))
     out = np.concatenate([causal_attention(q[lo:lo + block], keys, values, positions[lo:lo + block], k_positions)
                           for lo in range(0, q.shape[0], block)])  # [T, Nh, D]
     out = out.reshape(x.shape[0], rt.cfg.num_attention_heads * rt.cfg.head_dim)
-    return _project(out, w.o, w.o_bias, rt), keys, values
+    return _project(out, w.o, w.o_bias, rt), (keys, values, store)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,14 +226,13 @@ def check_routes(ids: np.ndarray, T: int, spec: MoESpec, i: int) -> np.ndarray:
 
 def layer(h: np.ndarray, w: LayerWeights, spec: LayerSpec, i: int, positions: np.ndarray,
           rope: tuple[np.ndarray, np.ndarray], past: tuple, rt: Runtime) -> tuple[np.ndarray, tuple]:
-    """[T, H] residual -> [T, H], new (keys, values).  spec §5.1:
+    """[T, H] residual, past (keys, values, store) -> [T, H], new (keys, values, store).  spec §5.1:
     h += Attn(input_layernorm(h)) when the layer has attention; h += FFN(post_attention_layernorm(h))."""
-    kv = (None, None)
+    kv = (None, None, None)
     if spec.attention:
-        a, keys, values = attention(rt.norm(h, w.attention.norm), w.attention, positions, rope, *past, rt)
+        a, kv = attention(rt.norm(h, w.attention.norm), w.attention, positions, rope, past, rt)
         rt.record(f"attn_out.{i}", a)
         h = h + a
-        kv = (keys, values)
     x = rt.norm(h, w.ffn_norm)
     f = mlp(x, w.ffn, rt) if spec.moe is None else moe(x, w.ffn, spec.moe, rt, i)
     rt.record(f"ffn_out.{i}", f)
@@ -240,12 +285,14 @@ def forward(model: Model, input_ids, *, cache: KVCache | None = None, dtype=np.f
     h = w.embed.take(ids, dtype)  # spec §5.2 (1)
     rt.record("embeddings", h)
     keys, values = list(cache.keys), list(cache.values)
+    stores = list(cache.stores or (None,) * len(keys))
     for i, (lw, spec) in enumerate(zip(w.layers, cfg.layers)):
-        h, (keys[i], values[i]) = layer(h, lw, spec, i, positions, rope, (keys[i], values[i]), rt)
+        past = (keys[i], values[i], stores[i])
+        h, (keys[i], values[i], stores[i]) = layer(h, lw, spec, i, positions, rope, past, rt)
         if progress is not None:
             progress(i + 1, len(cfg.layers))
     h = rt.norm(h, w.norm)
     rt.record("final_norm", h)
     logits = rt.kernels.linear(h, w.lm_head)
     rt.record("logits", logits)
-    return logits, KVCache(cache.length + ids.size, tuple(keys), tuple(values))
+    return logits, KVCache(cache.length + ids.size, tuple(keys), tuple(values), tuple(stores))

@@ -47,6 +47,48 @@ def test_decode_with_cache_equals_full_forward(cfg_dict, seed, T, data):
 
 
 @SETTINGS
+@given(cfg_dict=dense2moe_configs(), seed=st.integers(0, 2**16), T=st.integers(2, 6), data=st.data())
+def test_branches_of_one_cache_stay_apart(cfg_dict, seed, T, data):
+    """Two continuations of one cache, stepped in turn (the KV buffers are appended in place where
+    nobody appended first): each equals the full forward of its own sequence, and the shared prefix
+    cache still reads as it did."""
+    cfg = d2m_ref.parse_config(cfg_dict)
+    model = random_model(cfg, seed)
+    prefix = ids_for(cfg, T, seed)
+    _, base = d2m_ref.forward(model, prefix[:-1])
+    _, base = d2m_ref.forward(model, prefix[-1:], cache=base)  # a grown buffer, with room to share
+    snapshot = [None if k is None else k.copy() for k in base.keys]
+    steps = data.draw(st.integers(1, 4))
+    branches = [(prefix, base, []), (prefix, base, [])]
+    for step in range(steps):
+        for b, token in enumerate(data.draw(st.lists(st.integers(0, cfg.vocab_size - 1), min_size=2, max_size=2))):
+            ids, cache, logits = branches[b]
+            out, cache = d2m_ref.forward(model, [token], cache=cache)
+            branches[b] = (np.append(ids, token), cache, logits + [out])
+    for ids, cache, logits in branches:
+        full, _ = d2m_ref.forward(model, ids)
+        assert rel_err(np.concatenate(logits), full[T:]) < 1e-12
+    for k, before in zip(base.keys, snapshot):
+        assert (k is None) == (before is None) and (k is None or np.array_equal(k, before))
+
+
+def test_decode_appends_kv_in_place():
+    """A decode loop writes each step's keys and values into the layer's buffer: over 300 steps the
+    buffer is replaced only when full (growth by a quarter), never copied every step."""
+    cfg = d2m_ref.parse_config(dense_config(layers=2, max_position_embeddings=512))
+    model = random_model(cfg, 0)
+    _, cache = d2m_ref.forward(model, [1, 2, 3])
+    buffers = 1
+    for step in range(300):
+        before = cache.stores[0].data
+        _, cache = d2m_ref.forward(model, [step % cfg.vocab_size], cache=cache)
+        buffers += cache.stores[0].data is not before
+        assert np.shares_memory(cache.keys[0], cache.stores[0].data)
+    assert cache.length == 303 and cache.keys[0].shape[0] == 303
+    assert buffers <= 6, f"{buffers} buffers for 300 steps"
+
+
+@SETTINGS
 @given(cfg_dict=dense2moe_configs(), seed=st.integers(0, 2**16), T=st.integers(2, 9), data=st.data())
 def test_causality(cfg_dict, seed, T, data):
     """Logits at position t do not depend on tokens after t."""
