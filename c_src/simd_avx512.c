@@ -116,15 +116,11 @@ static inline __m512 load_scales(const uint16_t *p, int shift) {
  * Lane l of block i (4 lanes per block) sums the 8 columns 4l..4l+3 and 16+4l..16+4l+3, started
  * from q4neg = −8·(their x sum): the exact partial sum Σ (n − 8)·x of those columns.
  *
- * Rows of up to 1536 columns are formed three at a time, up to 2048 in pairs: a group shares the
- * activation loads (q4x, q4neg, d: three of a step's four loads) and the per-segment work, which
- * on 896-column rows cost as much as the quads (hot in L1, measured here: 6.9 → 4.7 cycles per
- * quad and row in pairs).  Cold (256 MiB, paired in one process, 1 | 2 threads), threes against
- * pairs, medians of 3-4 runs: 896 columns 90 → 94 | 89 → 92 %, 1024 87 → 92 | 88 → 92, 1536
- * 93 → 92 | 89 → 92, 2048 92 → 91 | 91 → 90 (so pairs there); fours, though faster hot,
- * measured 3-6 points below pairs cold.  Each row's arithmetic is the same instruction sequence
- * whether it is formed alone (a range's last rows) or in a group, so results do not depend on
- * where a range starts.
+ * Q4_ROWS rows are formed together: they share the activation loads (q4x, q4neg, d: three of a
+ * step's four loads) and the per-segment work, which on 896-column rows cost as much as the
+ * quads (hot in L1, measured here: 6.9 → 4.7 cycles per quad and row).  Each row's arithmetic is
+ * the same instruction sequence whether it is formed alone (a range's last rows) or in a group,
+ * so results do not depend on where a range starts.
  * Memory: the group's rows are adjacent, so the prefetches walk them as one stream, a cache line
  * per row and step, PREFETCH_Q4 bytes ahead (the hardware prefetcher alone left 896×4864 at 45 %
  * of DRAM bandwidth; 4 KiB ahead measured 65 %, 8 KiB 90 %, 16 KiB 88 %), and each row's scales
@@ -132,9 +128,8 @@ static inline __m512 load_scales(const uint16_t *p, int shift) {
  * weight vector is loaded once and kept in a register (the empty asm): folded into both the AND
  * and the shift, it was read twice, and on rows not 64-byte aligned every read splits over two
  * cache lines (a NumPy array's data starts 16 bytes into a line): 33 → 41 GB/s on such rows. */
-#define Q4_ROWS 3                 /* at most, formed together */
-#define Q4_TRIPLE_MAX_BLOCKS 48   /* rows of at most 1536 columns: in threes */
-#define Q4_PAIR_MAX_BLOCKS 64     /* at most 2048: in pairs; longer rows one at a time */
+#define Q4_ROWS 2
+#define Q4_PAIR_MAX_BLOCKS 64  /* rows of at most 2048 columns are formed in pairs */
 #define PREFETCH_Q4 8192
 
 static inline __attribute__((always_inline)) void q4g_rows(float *out, const d2m_matrix *w, int row,
@@ -218,13 +213,9 @@ static inline __attribute__((always_inline)) void q4g_rows(float *out, const d2m
 
 void d2m_dot_q4g_avx512(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x) {
     int r = r0;
-    const int nblk = d2m_act_blocks(w->cols);
-    if (nblk <= Q4_TRIPLE_MAX_BLOCKS)
-        for (; r + 3 <= r1; r += 3)
-            q4g_rows(out + (r - r0), w, r, x, 3);
-    else if (nblk <= Q4_PAIR_MAX_BLOCKS)
-        for (; r + 2 <= r1; r += 2)
-            q4g_rows(out + (r - r0), w, r, x, 2);
+    if (d2m_act_blocks(w->cols) <= Q4_PAIR_MAX_BLOCKS)
+        for (; r + Q4_ROWS <= r1; r += Q4_ROWS)
+            q4g_rows(out + (r - r0), w, r, x, Q4_ROWS);
     for (; r < r1; r++)
         q4g_rows(out + (r - r0), w, r, x, 1);
 }
