@@ -43,7 +43,7 @@ from .compare import PRECISIONS, TENSOR_SCALED, Comparison, compare, logit_stats
 from .config import ModelConfig
 from .errors import D2MError, InputError
 from .kernels import default_kernels
-from .model import Runtime, attention, forward, mlp, moe
+from .model import LayerKV, Runtime, attention, forward, mlp, moe
 from .ops import rms_norm, rope_cos_sin, rope_inv_freq, router_scores, top_k
 from .weights import Model, load_model
 
@@ -195,7 +195,7 @@ def layer_from_inputs(model: Model, i: int, h_in: np.ndarray, attn_out: np.ndarr
         positions = np.arange(T)
         rope = rope_cos_sin(positions, rope_inv_freq(cfg.rope, cfg.head_dim, np.float64))
         empty = np.zeros((0, cfg.num_key_value_heads, cfg.head_dim))
-        a, _ = attention(rt.norm(h_in, w.attention.norm), w.attention, positions, rope, (empty, empty, None), rt)
+        a, _ = attention(rt.norm(h_in, w.attention.norm), w.attention, positions, rope, LayerKV(empty, empty, None), rt)
         out[f"attn_out.{i}"] = a
         h = h_in + (a if attn_out is None else attn_out)
     x = rt.norm(h, w.ffn_norm)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 
@@ -32,61 +32,93 @@ ATTENTION_BLOCK_BYTES = 64 * 2**20  # largest attention score block held at once
 KV_MIN_SLACK = 64  # positions a KV buffer grows by, at least
 
 
-class KVStore:
-    """One attention layer's keys and values in a buffer `data` [2, capacity, Nkv, D] filled up to
-    `filled` positions.  A cache of length S sees the first S positions; appending to it writes in
-    place when nobody has appended past S yet (a decode loop), else into a new buffer, so a second
-    continuation of one cache never changes the first.  spec §6."""
+class LayerKV(NamedTuple):
+    """One attention layer's cache: keys, values [S, Nkv, D], and the KVStore they are views of
+    (None when they are not: an empty cache, or arrays a user put in a KVCache)."""
 
-    __slots__ = ("data", "filled")
+    keys: np.ndarray | None
+    values: np.ndarray | None
+    store: "KVStore | None"
+
+
+class KVStore:
+    """One attention layer's keys and values, each in a buffer [capacity, Nkv, D] whose first
+    `filled` positions are written.  A cache of length S reads read-only views of the first S.
+    Appending to that cache writes in place when it is the first continuation and there is room (a
+    decode loop), else into new buffers: continuing one cache twice never changes what the first
+    continuation reads.  spec §6."""
+
+    __slots__ = ("keys", "values", "filled")
     _claim = threading.Lock()  # check-and-advance of `filled`, for caches shared across threads
 
-    def __init__(self, data: np.ndarray, filled: int):
-        self.data, self.filled = data, filled
+    def __init__(self, keys: np.ndarray, values: np.ndarray, filled: int):
+        self.keys, self.values, self.filled = keys, values, filled
 
-    def claim(self, length: int, T: int) -> bool:
-        """Whether positions length .. length+T-1 are this cache's to write (and now taken)."""
+    def _holds(self, keys: np.ndarray, values: np.ndarray) -> bool:
+        """Whether keys, values are views of this store's first positions (not arrays that merely
+        have the same length: a cache rebuilt with other arrays must be read as given)."""
+        return all(a.ctypes.data == buf.ctypes.data and a.strides == buf.strides and a.dtype == buf.dtype
+                   for a, buf in ((keys, self.keys), (values, self.values)))
+
+    def claim(self, past: LayerKV, T: int) -> bool:
+        """Whether positions S0 .. S0+T-1 after past (S0 positions) are past's to write; if so
+        they are taken."""
+        S0 = past.keys.shape[0]
         with KVStore._claim:
-            if self.filled != length or length + T > self.data.shape[1]:
+            if self.filled != S0 or S0 + T > self.keys.shape[0] or not self._holds(past.keys, past.values):
                 return False
-            self.filled = length + T
+            self.filled = S0 + T
             return True
 
+    def view(self, S: int) -> LayerKV:
+        keys, values = self.keys[:S], self.values[:S]
+        keys.flags.writeable = values.flags.writeable = False  # a cache is a value
+        return LayerKV(keys, values, self)
 
-def append_kv(past_k: np.ndarray, past_v: np.ndarray, store: KVStore | None, k: np.ndarray,
-              v: np.ndarray) -> tuple[np.ndarray, np.ndarray, KVStore]:
-    """[S0, Nkv, D] x2 (+ their store), [T, Nkv, D] x2 -> keys, values [S0+T, Nkv, D] and their
-    store.  spec §3.3.  The first fill (a prompt) gets a buffer of its own size; a cache that must
-    grow gets a quarter more room (KV_MIN_SLACK at least), so a long decode copies each position a
-    few times, not once per step."""
-    S0, T = past_k.shape[0], k.shape[0]
+
+def append_kv(past: LayerKV, k: np.ndarray, v: np.ndarray, limit: int) -> LayerKV:
+    """past keys, values [S0, Nkv, D], new k, v [T, Nkv, D] -> keys, values [S0+T, Nkv, D].
+    spec §3.3.  New buffers: for an empty cache (a prompt), the prompt's size; for a cache that
+    must grow, a quarter more room (KV_MIN_SLACK at least, `limit` positions at most), so a long
+    decode copies each position a few times, not once per step."""
+    S0, T = past.keys.shape[0], k.shape[0]
     S = S0 + T
-    if store is None or not store.claim(S0, T):
-        room = 0 if S0 == 0 else max(KV_MIN_SLACK, S // 4)
-        data = np.empty((2, S + room) + k.shape[1:], k.dtype)
-        data[0, :S0], data[1, :S0] = past_k, past_v
-        store = KVStore(data, S)
-    store.data[0, S0:S], store.data[1, S0:S] = k, v
-    keys, values = store.data[0, :S], store.data[1, :S]
-    keys.flags.writeable = values.flags.writeable = False  # a cache is a value: read-only views
-    return keys, values, store
+    store = past.store
+    if store is None or not store.claim(past, T):
+        capacity = S if S0 == 0 else max(S, min(limit, S + max(KV_MIN_SLACK, S // 4)))
+        store = KVStore(np.empty((capacity,) + k.shape[1:], k.dtype), np.empty((capacity,) + v.shape[1:], v.dtype), S)
+        store.keys[:S0], store.values[:S0] = past.keys, past.values
+    store.keys[S0:S], store.values[S0:S] = k, v
+    return store.view(S)
 
 
 @dataclass(frozen=True)
 class KVCache:
     """Keys and values of the tokens seen so far: per layer [S, Nkv, D] (None without attention),
-    views of the layers' KVStore buffers (`stores`)."""
+    and the KVStore each pair is a view of (`stores`; None for arrays given by hand)."""
 
     length: int
     keys: tuple[np.ndarray | None, ...]
     values: tuple[np.ndarray | None, ...]
     stores: tuple[KVStore | None, ...] = field(default=(), repr=False, compare=False)
 
+    def __post_init__(self):
+        if not self.stores:
+            object.__setattr__(self, "stores", (None,) * len(self.keys))
+
     @staticmethod
     def empty(cfg: ModelConfig, dtype: np.dtype) -> "KVCache":
         shape = (0, cfg.num_key_value_heads, cfg.head_dim)
         kv = tuple(np.zeros(shape, dtype) if s.attention else None for s in cfg.layers)
-        return KVCache(0, kv, kv, (None,) * len(cfg.layers))
+        return KVCache(0, kv, kv)
+
+    def layer(self, i: int) -> LayerKV:
+        return LayerKV(self.keys[i], self.values[i], self.stores[i])
+
+    @staticmethod
+    def of(length: int, layers: list[LayerKV]) -> "KVCache":
+        return KVCache(length, tuple(kv.keys for kv in layers), tuple(kv.values for kv in layers),
+                       tuple(kv.store for kv in layers))
 
 
 @dataclass(frozen=True)
@@ -136,20 +168,21 @@ def qkv(x: np.ndarray, w: AttentionWeights, rt: Runtime) -> tuple[np.ndarray, np
 
 
 def attention(x: np.ndarray, w: AttentionWeights, positions: np.ndarray, rope: tuple[np.ndarray, np.ndarray],
-              past: tuple, rt: Runtime) -> tuple[np.ndarray, tuple]:
-    """[T, H] normed input, past (keys, values [S0, Nkv, D], their KVStore) -> output [T, H] and
-    the layer's (keys, values [S, Nkv, D], store).  spec §3."""
+              past: LayerKV, rt: Runtime) -> tuple[np.ndarray, LayerKV]:
+    """[T, H] normed input, the layer's cache of S0 positions -> output [T, H], the cache of
+    S = S0 + T positions.  spec §3."""
     q, k, v = qkv(x, w, rt)
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys, values, store = append_kv(*past, k, v)
+    kv = append_kv(past, k, v, rt.cfg.max_position_embeddings)
+    keys, values = kv.keys, kv.values
     k_positions = np.arange(keys.shape[0])
     # Queries in blocks, so the [Nh, block, S] score matrix stays bounded on long prompts (§6).
     block = max(1, ATTENTION_BLOCK_BYTES // (q.shape[1] * keys.shape[0] * q.dtype.itemsize))
     out = np.concatenate([causal_attention(q[lo:lo + block], keys, values, positions[lo:lo + block], k_positions)
                           for lo in range(0, q.shape[0], block)])  # [T, Nh, D]
     out = out.reshape(x.shape[0], rt.cfg.num_attention_heads * rt.cfg.head_dim)
-    return _project(out, w.o, w.o_bias, rt), (keys, values, store)
+    return _project(out, w.o, w.o_bias, rt), kv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,10 +258,10 @@ def check_routes(ids: np.ndarray, T: int, spec: MoESpec, i: int) -> np.ndarray:
 
 
 def layer(h: np.ndarray, w: LayerWeights, spec: LayerSpec, i: int, positions: np.ndarray,
-          rope: tuple[np.ndarray, np.ndarray], past: tuple, rt: Runtime) -> tuple[np.ndarray, tuple]:
-    """[T, H] residual, past (keys, values, store) -> [T, H], new (keys, values, store).  spec §5.1:
+          rope: tuple[np.ndarray, np.ndarray], past: LayerKV, rt: Runtime) -> tuple[np.ndarray, LayerKV]:
+    """[T, H] residual, the layer's cache -> [T, H], its cache extended by T.  spec §5.1:
     h += Attn(input_layernorm(h)) when the layer has attention; h += FFN(post_attention_layernorm(h))."""
-    kv = (None, None, None)
+    kv = past
     if spec.attention:
         a, kv = attention(rt.norm(h, w.attention.norm), w.attention, positions, rope, past, rt)
         rt.record(f"attn_out.{i}", a)
@@ -284,15 +317,13 @@ def forward(model: Model, input_ids, *, cache: KVCache | None = None, dtype=np.f
     rt.record("input_ids", ids)
     h = w.embed.take(ids, dtype)  # spec §5.2 (1)
     rt.record("embeddings", h)
-    keys, values = list(cache.keys), list(cache.values)
-    stores = list(cache.stores or (None,) * len(keys))
+    kv = [cache.layer(i) for i in range(len(cfg.layers))]
     for i, (lw, spec) in enumerate(zip(w.layers, cfg.layers)):
-        past = (keys[i], values[i], stores[i])
-        h, (keys[i], values[i], stores[i]) = layer(h, lw, spec, i, positions, rope, past, rt)
+        h, kv[i] = layer(h, lw, spec, i, positions, rope, kv[i], rt)
         if progress is not None:
             progress(i + 1, len(cfg.layers))
     h = rt.norm(h, w.norm)
     rt.record("final_norm", h)
     logits = rt.kernels.linear(h, w.lm_head)
     rt.record("logits", logits)
-    return logits, KVCache(cache.length + ids.size, tuple(keys), tuple(values), tuple(stores))
+    return logits, KVCache.of(cache.length + ids.size, kv)

@@ -105,7 +105,8 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: n
     scores = np.matmul(q, k.transpose(1, 2, 0)) / np.sqrt(D).astype(q.dtype)  # [Nkv, G·T, S]
     scores = scores.reshape(Nkv, G, T, S)
     allowed = k_positions[None, :] <= q_positions[:, None]  # [T, S]
-    probs = softmax(np.where(allowed, scores, -np.inf), axis=-1)
+    scores = np.where(allowed, scores, -np.inf)  # rebound: one [Nkv, G, T, S] block alive at a time
+    probs = softmax(scores, axis=-1)
     out = np.matmul(probs.reshape(Nkv, G * T, S), v.transpose(1, 0, 2))  # [Nkv, G·T, D]
     return out.reshape(Nkv, G, T, D).transpose(2, 0, 1, 3).reshape(T, Nh, D)
 

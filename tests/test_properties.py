@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 import d2m_ref
 from d2m_ref.config import MoESpec
 from d2m_ref.kernels import NumpyKernels
-from d2m_ref.model import Runtime, mlp, moe
+from d2m_ref.model import KV_MIN_SLACK, Runtime, mlp, moe
 from d2m_ref.synth import model_from_arrays, random_arrays, random_model, write_checkpoint
 from d2m_ref.weights import MLPWeights, MoEWeights, Param
 
@@ -73,19 +75,41 @@ def test_branches_of_one_cache_stay_apart(cfg_dict, seed, T, data):
 
 
 def test_decode_appends_kv_in_place():
-    """A decode loop writes each step's keys and values into the layer's buffer: over 300 steps the
-    buffer is replaced only when full (growth by a quarter), never copied every step."""
-    cfg = d2m_ref.parse_config(dense_config(layers=2, max_position_embeddings=512))
+    """A decode loop writes each step's keys and values into the layer's buffers: over 317 steps
+    they are replaced only when full, each time with a quarter more room (64 positions at least)
+    and never past max_position_embeddings; the cache reads read-only views of them."""
+    cfg = d2m_ref.parse_config(dense_config(layers=2, max_position_embeddings=320))
     model = random_model(cfg, 0)
     _, cache = d2m_ref.forward(model, [1, 2, 3])
+    assert cache.stores[0].keys.shape[0] == 3  # a prompt's buffer is its size
     buffers = 1
-    for step in range(300):
-        before = cache.stores[0].data
+    for step in range(317):
+        before = cache.stores[0].keys
         _, cache = d2m_ref.forward(model, [step % cfg.vocab_size], cache=cache)
-        buffers += cache.stores[0].data is not before
-        assert np.shares_memory(cache.keys[0], cache.stores[0].data)
-    assert cache.length == 303 and cache.keys[0].shape[0] == 303
-    assert buffers <= 6, f"{buffers} buffers for 300 steps"
+        store, S = cache.stores[0], cache.length
+        buffers += store.keys is not before
+        assert S <= store.keys.shape[0] <= min(320, S + max(KV_MIN_SLACK, S // 4))
+        assert np.shares_memory(cache.keys[0], store.keys) and np.shares_memory(cache.values[0], store.values)
+        assert not cache.keys[0].flags.writeable and not cache.values[0].flags.writeable
+    assert cache.length == 320 and cache.keys[0].shape[0] == 320
+    assert buffers <= 6, f"{buffers} buffers for 317 steps"
+
+
+def test_a_cache_is_read_as_given():
+    """A cache whose arrays were replaced (dataclasses.replace keeps the stores) or built by hand
+    without stores is read as given: the store is appended to only through its own views."""
+    cfg = d2m_ref.parse_config(dense_config(layers=2))
+    model = random_model(cfg, 1)
+    _, cache = d2m_ref.forward(model, [1, 2, 3])
+    _, cache = d2m_ref.forward(model, [4], cache=cache)  # a grown buffer, with room
+    zeros = tuple(np.zeros_like(k) for k in cache.keys)
+    edited = dataclasses.replace(cache, keys=zeros, values=zeros)
+    by_hand = d2m_ref.KVCache(cache.length, zeros, zeros)
+    a, _ = d2m_ref.forward(model, [5], cache=edited)
+    b, _ = d2m_ref.forward(model, [5], cache=by_hand)
+    c, _ = d2m_ref.forward(model, [5], cache=cache)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
 
 
 @SETTINGS
