@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The C kernels under AddressSanitizer + UndefinedBehaviorSanitizer (x86-64 host):
+# The C kernels under AddressSanitizer + UndefinedBehaviorSanitizer and ThreadSanitizer (x86-64 host):
 #   1. tests/c/test_kernels.c linked with every c_src unit of this target (scalar, AVX2, AVX-512), built with
 #      -fsanitize=address,undefined and no recovery: any out-of-bounds access, misaligned load,
 #      overflow or data race-free UB aborts the run;
-#   2. the Python kernel tests against an extension built the same way (libasan preloaded).
+#   2. the same driver under ThreadSanitizer (the thread pool claims chunks lock-free);
+#   3. the Python kernel tests against an extension built with ASan + UBSan (libasan preloaded).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(mktemp -d)
@@ -24,6 +25,21 @@ portable=(c_src/gemv_f32.c c_src/gemv_f16.c c_src/gemv_bf16.c c_src/gemv_q8.c c_
 cc $COMMON $SAN "${defs[@]}" -Ic_src "${portable[@]}" tests/c/test_kernels.c "${simd[@]}" -lm -o "$out/test_kernels"
 echo "== C driver, ASan + UBSan ($arch)"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 "$out/test_kernels" 200
+
+# The same driver under ThreadSanitizer: the pool's lock-free chunk claiming (threads.c).
+TSAN="-fsanitize=thread -fno-omit-frame-pointer -g -O1"
+mkdir -p "$out/tsan"
+tsan_simd=()
+for o in "${simd[@]}"; do
+    unit=$(basename "$o" .o)
+    flags="-mavx2 -mfma -mf16c"
+    [ "$unit" = simd_avx512 ] && flags="$flags -mavx512f -mavx512bw -mavx512vl -mavx512vnni"
+    cc $COMMON $TSAN $flags -c "c_src/$unit.c" -o "$out/tsan/$unit.o"
+    tsan_simd+=("$out/tsan/$unit.o")
+done
+cc $COMMON $TSAN "${defs[@]}" -Ic_src "${portable[@]}" tests/c/test_kernels.c "${tsan_simd[@]}" -lm -o "$out/tsan/test_kernels"
+echo "== C driver, ThreadSanitizer ($arch)"
+TSAN_OPTIONS=halt_on_error=1 "$out/tsan/test_kernels" 60
 
 echo "== Python kernel tests on an ASan + UBSan build of the extension"
 tree="$out/tree"
