@@ -1,12 +1,13 @@
-/* A small pthreads pool: threads - 1 workers plus the calling thread claim chunks of a job.  Which
- * thread runs a chunk varies from run to run; what a chunk computes does not (each output row
- * belongs to exactly one chunk), so results never depend on it.
+/* A small pthreads pool: threads - 1 workers plus the calling thread claim chunks of a job from
+ * an atomic counter.  Which thread runs a chunk varies from run to run; what a chunk computes
+ * does not (each output row belongs to exactly one chunk), so results never depend on it.
  *
- * A job is a word `claim` = job number << 32 | next chunk, claimed by compare-and-swap, so a worker
- * that wakes late (descheduled: another process holds the CPU) can only take chunks of the job it
- * names, and finds none once the job is over.  The caller runs chunks too and returns when every
- * chunk is done, without waiting for workers that never started: on a busy machine a call falls
- * back to the caller's own speed instead of waiting a scheduler slice for an idle worker.
+ * A worker takes part in a job by joining it: one word `entry` = job number << 32 | CLOSED |
+ * workers inside, changed by compare-and-swap, so a worker can only join the job it names and only
+ * while it is open.  When the caller has seen every chunk claimed it closes the job and waits for
+ * the workers inside to leave, never for one that has not joined: on a busy machine a worker the
+ * scheduler has not run yet costs the call nothing, where waiting for it cost a scheduler slice.
+ * The job's fn, arg and chunk count are written while no worker is inside and read only inside.
  *
  * Workers spin briefly (a decode step issues GEMVs a few tens of microseconds apart) and then
  * sleep on a condition variable.  Jobs on one pool are serialised by run_lock, so a context may be
@@ -18,6 +19,8 @@
 #include "internal.h"
 
 #define SPIN_ITERATIONS 20000
+#define CLOSED 0x80000000ull       /* entry: the job takes no more workers */
+#define INSIDE 0x7fffffffull       /* entry: workers inside the job */
 
 struct d2m_pool {
     int n_workers;
@@ -25,14 +28,12 @@ struct d2m_pool {
     pthread_mutex_t run_lock;  /* one job at a time */
     pthread_mutex_t mutex;
     pthread_cond_t wake;
-    pthread_cond_t done_cv;
-    /* the current job: read by a worker before it claims, valid for it once a claim succeeds (the
-     * caller does not return, so does not change them, while a claimed chunk runs) */
-    _Atomic(d2m_task_fn) fn;
-    _Atomic(void *) arg;
-    atomic_int n_chunks;
-    atomic_ullong claim;       /* job << 32 | next unclaimed chunk */
-    atomic_int done;           /* chunks of the current job finished */
+    pthread_cond_t left;       /* the last worker left a closed job */
+    d2m_task_fn fn;            /* the current job (see above) */
+    void *arg;
+    int n_chunks;
+    atomic_int next_chunk;
+    atomic_ullong entry;       /* job << 32 | CLOSED | workers inside */
     int stop;
 };
 
@@ -44,29 +45,34 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static unsigned job_of(unsigned long long word) {
-    return (unsigned)(word >> 32);
+static unsigned job_of(unsigned long long entry) {
+    return (unsigned)(entry >> 32);
 }
 
-/* Run chunks of job `job` while it has unclaimed ones; wake the caller after the job's last chunk. */
-static void run_chunks(struct d2m_pool *p, unsigned job) {
-    const d2m_task_fn fn = atomic_load_explicit(&p->fn, memory_order_relaxed);
-    void *const arg = atomic_load_explicit(&p->arg, memory_order_relaxed);
-    const int n = atomic_load_explicit(&p->n_chunks, memory_order_relaxed);
-    unsigned long long word = atomic_load_explicit(&p->claim, memory_order_acquire);
+static void run_chunks(struct d2m_pool *p) {
     for (;;) {
-        if (job_of(word) != job || (int)(unsigned)word >= n)
-            return;  /* another job, or nothing left to claim */
-        if (!atomic_compare_exchange_weak_explicit(&p->claim, &word, word + 1, memory_order_acquire,
-                                                   memory_order_acquire))
-            continue;  /* word reloaded */
-        fn(arg, (int)(unsigned)word);  /* claimed: fn, arg, n are this job's (the caller waits for it) */
-        if (atomic_fetch_add_explicit(&p->done, 1, memory_order_acq_rel) + 1 == n) {
-            pthread_mutex_lock(&p->mutex);
-            pthread_cond_signal(&p->done_cv);
-            pthread_mutex_unlock(&p->mutex);
-        }
-        word = atomic_load_explicit(&p->claim, memory_order_acquire);
+        const int c = atomic_fetch_add_explicit(&p->next_chunk, 1, memory_order_relaxed);
+        if (c >= p->n_chunks)
+            return;
+        p->fn(p->arg, c);
+    }
+}
+
+/* Join job `job` if it is still open (the caller's writes before it are then visible), run
+ * chunks, leave; wake the caller if this was the last worker inside a closed job. */
+static void take_part(struct d2m_pool *p, unsigned job) {
+    unsigned long long e = atomic_load_explicit(&p->entry, memory_order_relaxed);
+    do {
+        if (job_of(e) != job || (e & CLOSED))
+            return;
+    } while (!atomic_compare_exchange_weak_explicit(&p->entry, &e, e + 1, memory_order_acquire,
+                                                    memory_order_relaxed));
+    run_chunks(p);
+    e = atomic_fetch_sub_explicit(&p->entry, 1, memory_order_release) - 1;
+    if ((e & CLOSED) && (e & INSIDE) == 0) {
+        pthread_mutex_lock(&p->mutex);
+        pthread_cond_signal(&p->left);
+        pthread_mutex_unlock(&p->mutex);
     }
 }
 
@@ -74,14 +80,14 @@ static void *worker_main(void *arg) {
     struct d2m_pool *p = (struct d2m_pool *)arg;
     unsigned seen = 0u;  /* job 0 is "none": the first job is 1 */
     for (;;) {
-        unsigned job = job_of(atomic_load_explicit(&p->claim, memory_order_acquire));
+        unsigned job = job_of(atomic_load_explicit(&p->entry, memory_order_relaxed));
         for (int i = 0; i < SPIN_ITERATIONS && job == seen; i++) {
             cpu_relax();
-            job = job_of(atomic_load_explicit(&p->claim, memory_order_acquire));
+            job = job_of(atomic_load_explicit(&p->entry, memory_order_relaxed));
         }
         if (job == seen) {
             pthread_mutex_lock(&p->mutex);
-            while ((job = job_of(atomic_load(&p->claim))) == seen && !p->stop)
+            while ((job = job_of(atomic_load(&p->entry))) == seen && !p->stop)
                 pthread_cond_wait(&p->wake, &p->mutex);
             const int stop = p->stop;
             pthread_mutex_unlock(&p->mutex);
@@ -89,7 +95,7 @@ static void *worker_main(void *arg) {
                 return NULL;
         }
         seen = job;
-        run_chunks(p, job);
+        take_part(p, job);
     }
 }
 
@@ -120,12 +126,9 @@ int d2m_pool_create(struct d2m_pool **out, int threads) {
     pthread_mutex_init(&p->run_lock, NULL);
     pthread_mutex_init(&p->mutex, NULL);
     pthread_cond_init(&p->wake, NULL);
-    pthread_cond_init(&p->done_cv, NULL);
-    atomic_init(&p->fn, (d2m_task_fn)0);
-    atomic_init(&p->arg, (void *)0);
-    atomic_init(&p->n_chunks, 0);
-    atomic_init(&p->claim, 0ull);
-    atomic_init(&p->done, 0);
+    pthread_cond_init(&p->left, NULL);
+    atomic_init(&p->next_chunk, 0);
+    atomic_init(&p->entry, 0ull);
     for (int i = 0; i < p->n_workers; i++) {
         if (pthread_create(&p->workers[i], NULL, worker_main, p) != 0) {
             stop_workers(p, i);
@@ -142,7 +145,7 @@ void d2m_pool_destroy(struct d2m_pool *p) {
     if (!p)
         return;
     stop_workers(p, p->n_workers);
-    pthread_cond_destroy(&p->done_cv);
+    pthread_cond_destroy(&p->left);
     pthread_cond_destroy(&p->wake);
     pthread_mutex_destroy(&p->mutex);
     pthread_mutex_destroy(&p->run_lock);
@@ -157,27 +160,32 @@ void d2m_pool_run(struct d2m_pool *p, d2m_task_fn fn, void *arg, int n_chunks) {
         return;
     }
     pthread_mutex_lock(&p->run_lock);
-    /* publish the job: its parameters, then the claim word naming it (release) */
-    unsigned job = job_of(atomic_load(&p->claim)) + 1u;
+    /* no worker is inside (the last job was closed and left): write the job, then open it */
+    p->fn = fn;
+    p->arg = arg;
+    p->n_chunks = n_chunks;
+    atomic_store_explicit(&p->next_chunk, 0, memory_order_relaxed);
+    unsigned job = job_of(atomic_load_explicit(&p->entry, memory_order_relaxed)) + 1u;
     if (job == 0u)  /* after 2^32 jobs: 0 means none */
         job = 1u;
-    atomic_store_explicit(&p->fn, fn, memory_order_relaxed);
-    atomic_store_explicit(&p->arg, arg, memory_order_relaxed);
-    atomic_store_explicit(&p->n_chunks, n_chunks, memory_order_relaxed);
-    atomic_store_explicit(&p->done, 0, memory_order_relaxed);
-    atomic_store_explicit(&p->claim, (unsigned long long)job << 32, memory_order_release);
+    atomic_store_explicit(&p->entry, (unsigned long long)job << 32, memory_order_release);
     pthread_mutex_lock(&p->mutex);
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->mutex);
 
-    run_chunks(p, job);
+    run_chunks(p);
 
-    /* every chunk claimed: wait for those still running (never for a worker that did not start) */
-    for (int i = 0; i < SPIN_ITERATIONS && atomic_load_explicit(&p->done, memory_order_acquire) < n_chunks; i++)
+    /* every chunk is claimed: close the job, wait for the workers inside (none that never joined) */
+    unsigned long long e = atomic_fetch_or_explicit(&p->entry, CLOSED, memory_order_acquire);
+    for (int i = 0; i < SPIN_ITERATIONS && (e & INSIDE) != 0; i++) {
         cpu_relax();
-    pthread_mutex_lock(&p->mutex);
-    while (atomic_load(&p->done) < n_chunks)
-        pthread_cond_wait(&p->done_cv, &p->mutex);
-    pthread_mutex_unlock(&p->mutex);
+        e = atomic_load_explicit(&p->entry, memory_order_acquire);
+    }
+    if ((e & INSIDE) != 0) {
+        pthread_mutex_lock(&p->mutex);
+        while ((atomic_load(&p->entry) & INSIDE) != 0)
+            pthread_cond_wait(&p->left, &p->mutex);
+        pthread_mutex_unlock(&p->mutex);
+    }
     pthread_mutex_unlock(&p->run_lock);
 }

@@ -7,7 +7,8 @@
  *     and bit-identical across thread counts;
  *   - y += a.W.x is y + a*(W.x); the top-k call equals k single expert calls bit for bit;
  *   - every path quantises an activation into the same bytes as the portable code;
- *   - every entry point refuses NULL pointers, bad sizes, formats and short scratch with a status.
+ *   - every entry point refuses NULL pointers, bad sizes, formats and short scratch with a status;
+ *   - the thread pool runs every chunk of every job exactly once (many short jobs, 1-2 callers).
  * Prints one line per failure and closes with "N passed, M failed"; exit status 1 on any failure.
  * Usage: test_kernels [cases per path]   (default 300) */
 #include <math.h>
@@ -401,9 +402,68 @@ static void refusals(void) {
     d2m_ctx_destroy(ctx);
 }
 
+/* ---- the thread pool: every chunk of every job runs exactly once, whoever runs it ---- */
+#include <pthread.h>
+
+typedef struct pool_job {
+    int *runs;  /* [n]: times chunk c ran */
+    int n;
+} pool_job;
+
+static void count_chunk(void *arg, int chunk) {
+    pool_job *job = (pool_job *)arg;
+    job->runs[chunk]++;  /* a chunk run twice at once is a data race ThreadSanitizer reports */
+    if (chunk % 7 == 3)  /* uneven chunks, so threads interleave differently */
+        for (volatile int i = 0; i < 200; i++) {
+        }
+}
+
+typedef struct pool_caller {
+    struct d2m_pool *pool;
+    int jobs, bad;
+    unsigned seed;
+} pool_caller;
+
+static void *pool_calls(void *arg) {
+    pool_caller *me = (pool_caller *)arg;
+    int runs[64];
+    for (int j = 0; j < me->jobs; j++) {
+        me->seed = me->seed * 1103515245u + 12345u;
+        pool_job job = {runs, 2 + (int)(me->seed >> 16) % 63};
+        memset(runs, 0, sizeof runs);
+        d2m_pool_run(me->pool, count_chunk, &job, job.n);
+        for (int c = 0; c < 64; c++)
+            me->bad += runs[c] != (c < job.n);
+    }
+    return NULL;
+}
+
+/* Many short jobs back to back on 2-4 threads, from one calling thread and from two sharing the
+ * pool (jobs are serialised): each chunk of each job ran once, none past the job's count. */
+static void pool_stress(int jobs) {
+    for (int threads = 2; threads <= 4; threads++) {
+        struct d2m_pool *pool = NULL;
+        CHECK(d2m_pool_create(&pool, threads) == D2M_OK, "pool of %d threads", threads);
+        if (!pool)
+            continue;
+        pool_caller one = {pool, jobs, 0, 1u + (unsigned)threads};
+        pool_calls(&one);
+        CHECK(one.bad == 0, "pool, %d threads: %d chunks ran other than once", threads, one.bad);
+        pool_caller two[2] = {{pool, jobs / 2, 0, 7u}, {pool, jobs / 2, 0, 11u}};
+        pthread_t other;
+        CHECK(pthread_create(&other, NULL, pool_calls, &two[1]) == 0, "second calling thread");
+        pool_calls(&two[0]);
+        pthread_join(other, NULL);
+        CHECK(two[0].bad == 0 && two[1].bad == 0, "pool, %d threads, 2 callers: %d, %d chunks ran other than once",
+              threads, two[0].bad, two[1].bad);
+        d2m_pool_destroy(pool);
+    }
+}
+
 int main(int argc, char **argv) {
     const int cases = argc > 1 ? atoi(argv[1]) : 300;
     refusals();
+    pool_stress(20 * cases);
     for (int i = 0; i < d2m_path_count(); i++) {
         const char *path = d2m_path_name(i);
         if (!d2m_path_supported(i)) {
