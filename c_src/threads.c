@@ -6,7 +6,9 @@
  * workers inside, changed by compare-and-swap, so a worker can only join the job it names and only
  * while it is open.  When the caller has seen every chunk claimed it closes the job and waits for
  * the workers inside to leave, never for one that has not joined: on a busy machine a worker the
- * scheduler has not run yet costs the call nothing, where waiting for it cost a scheduler slice.
+ * scheduler has not run yet costs the call nothing, where waiting for it cost a scheduler slice
+ * (one exception left: a worker descheduled while it holds `mutex`, to sleep or to wake the
+ * caller, delays the caller's wake-up broadcast).
  * The job's fn, arg and chunk count are written while no worker is inside and read only inside.
  *
  * Workers spin briefly (a decode step issues GEMVs a few tens of microseconds apart) and then
