@@ -23,15 +23,16 @@ format's model is written to a checkpoint (`quantize` for the integer formats) a
 memory-mapped, as `python -m d2m_ref.run --weights` does.
 
 The machines here are shared and their memory bandwidth varies from moment to moment (on the
-2-vCPU VM this was written on, two-thread reads switch between about 48-55 and 68-85 GB/s), so every
-sample of the job is taken right after a bandwidth read and judged against it: a pass of GEMVs
-over the whole cold set (the same bytes as a read), or one decode step.  Reported: the medians
-of rates and reads, and the median of the per-pair ratios with its middle half.  The bandwidth is
-this machine's read rate by the C streaming loop (`measure_bandwidth`), over memory on 4 KiB pages
-as the weights are: memory-mapped checkpoints are not on huge pages, and the benchmarks' matrices
-are kept off them too (`_aligned`); the same read on 2 MiB pages is printed for comparison.
-numpy's OpenBLAS honours OPENBLAS_CORETYPE, which may be set to an older kernel on this workplace: for a fair comparison
-run with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` (the output says which kernel it ran).
+2-vCPU VM this was written on, two-thread reads switch between about 45-55 and 68-74 GB/s), so
+every sample of the job is taken right after a bandwidth read and judged against it: a pass of
+GEMVs over the whole cold set (the same bytes as a read), or one decode step.  Reported: the
+medians of rates and reads, and the median of the per-pair ratios with its middle half.  The
+bandwidth is this machine's read rate by the C streaming loop (`measure_bandwidth`), over memory
+on 4 KiB pages as the weights are: memory-mapped checkpoints are not on huge pages, and the
+benchmarks' matrices are kept off them too (`_aligned`); the same read on 2 MiB pages is printed
+for comparison.  numpy's OpenBLAS honours OPENBLAS_CORETYPE, which may be set to an older kernel
+on this workplace: for a fair comparison run with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE`
+(the output says which kernel it ran).
 """
 
 from __future__ import annotations

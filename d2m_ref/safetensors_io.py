@@ -612,8 +612,8 @@ def save_streaming(
     produce(name) returns the tensor in its storage dtype (BF16 as uint16 bits); it is called in
     data order (_layout: whole 64-byte multiples first, then widest itemsize first; spec order
     within a width) and its result is dropped right after writing, so a multi-GB checkpoint never
-    sits in memory. A result of the wrong dtype or
-    shape raises WeightsError naming the tensor. Same overwrite and atomic rules as `save`.
+    sits in memory. A result of the wrong dtype or shape raises WeightsError naming the tensor.
+    Same overwrite and atomic rules as `save`.
     """
     path = pathlib.Path(path)
     placed = _layout(_check_specs(path, specs))
