@@ -15,7 +15,7 @@ typedef struct d2m_act {
     const float *x;
     const int8_t *q;
     const float *d;
-    const int16_t *pairs8;  /* [nblk*16]: 8 * (q[2i] + q[2i+1]), the Q4 offset of each column pair */
+    const int16_t *pairs8;  /* [nblk*16]: 8 * (q[2i] + q[2i+1]) of each column pair (AVX-512 Q8) */
     /* q in the order of a Q4 quad (4 blocks, 128 columns) split into nibbles (d2m_act_q4_split):
      * [nquad*128], and the Q4 offset of each 8-column lane [nquad*16]; nquad = ceil(nblk/4) */
     const int8_t *q4x;

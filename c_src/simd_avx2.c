@@ -3,9 +3,9 @@
  *
  * One row at a time, contiguous loads only (a row of a row-major matrix is one stream; two rows
  * at once were measured slower here).  Float formats: 8 independent 8-lane FMA accumulators.
- * Integer formats: per 32-element block an exact int32 dot (maddubs/madd, no saturation: see
- * dot_i8, dot_q4), converted and scaled in float, 4 accumulators.  Tails (columns past the last
- * whole vector or block) use the scalar reference's arithmetic. */
+ * Integer formats: exact int32 lanes per 32-element block (maddubs/madd, no saturation: see
+ * dot_i8, q4_pair), converted and scaled in float, 4 accumulators.  Float-format tails (columns
+ * past the last whole vector) and the int8 tail block use the scalar reference's arithmetic. */
 #include <immintrin.h>
 
 #include "internal.h"
@@ -28,14 +28,17 @@ static inline __m256 load_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
-/* Non-temporal prefetch of the weight stream PREFETCH_AHEAD bytes ahead, one per cache line of
- * the step: the weights are read once, and NTA keeps them from evicting x (up to 19 KB of float32
- * for a 4864-wide row) from L1.  Measured here: +10-15 % for f16/bf16 on 4864-wide rows, -10 %
- * for f32, so only the 16-bit formats use it. */
-#define PREFETCH_AHEAD 2048
-#define PREFETCH_NTA(p, bytes)                                                                    \
+/* Non-temporal prefetch of the weight stream, one per cache line of a step, `ahead` bytes ahead:
+ * the weights are read once, and NTA keeps them from evicting x from L1.  The hardware prefetcher
+ * alone leaves a loop with more than a few instructions per cache line well short of DRAM speed
+ * (measured on Zen 3, 4864x896 on one thread, % of the streaming read: f16 70, int8 65-69, int4
+ * 43-46); how far ahead pays differs by format (below).  F32 uses none: measured 85-97 % without,
+ * 63-72 % with it. */
+#define PREFETCH_NTA(p, bytes, ahead)                                                             \
     for (unsigned line_ = 0; line_ < (bytes); line_ += 64)                                        \
-    _mm_prefetch((const char *)(p) + PREFETCH_AHEAD + line_, _MM_HINT_NTA)
+    _mm_prefetch((const char *)(p) + (ahead) + line_, _MM_HINT_NTA)
+#define PREFETCH_WIDE 1024  /* f16, bf16: 512 B ahead 77 %, 1 KiB 80-82 %, 2 KiB 70-71 %, 4 KiB 67 % */
+#define PREFETCH_INT 2048   /* int8, int4: 1 KiB 84 %, 2 KiB 85-88 %, 4 KiB 84 % (int8) */
 
 /* 8 accumulators: an FMA has 4 cycles of latency and 2 issue per cycle, so fewer chains would
  * leave the FMA units idle and make the loop compute-bound below DRAM speed. */
@@ -49,8 +52,8 @@ static inline __m256 load_bf16(const uint16_t *p) {
         __m256 s6 = _mm256_setzero_ps(), s7 = _mm256_setzero_ps();                              \
         int i = 0;                                                                              \
         for (; i + 64 <= n; i += 64) {                                                          \
-            if (sizeof(TYPE) == 2) /* f16, bf16 only: measured to slow f32 down */              \
-                PREFETCH_NTA(a + i, 128);                                                       \
+            if (sizeof(TYPE) == 2) /* f16, bf16 only (above) */                                 \
+                PREFETCH_NTA(a + i, 128, PREFETCH_WIDE);                                        \
             s0 = _mm256_fmadd_ps(LOAD(a + i), _mm256_loadu_ps(b + i), s0);                      \
             s1 = _mm256_fmadd_ps(LOAD(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);              \
             s2 = _mm256_fmadd_ps(LOAD(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);            \
@@ -101,6 +104,7 @@ static inline float q8_row(const d2m_matrix *w, int row, const d2m_act *x) {
     ACC = _mm256_fmadd_ps(dot_i8(load_i8(q + (b + K) * D2M_QBLOCK), load_i8(x->q + (b + K) * D2M_QBLOCK)), \
                           _mm256_set1_ps(x->d[b + K]), ACC)
     for (; b + 4 <= full; b += 4) {
+        PREFETCH_NTA(q + (size_t)b * D2M_QBLOCK, 128, PREFETCH_INT);
         Q8_STEP(acc0, 0);
         Q8_STEP(acc1, 1);
         Q8_STEP(acc2, 2);
@@ -119,55 +123,102 @@ static inline float q8_row(const d2m_matrix *w, int row, const d2m_act *x) {
 
 D2M_RANGE(d2m_dot_q8_avx2, q8_row)
 
-/* 16 packed bytes -> the 32 nibbles n (0..15) in column order: low nibbles are columns 0..15,
- * high nibbles 16..31 (spec/quant.md §3). */
-static inline __m256i unpack_nibbles(const uint8_t *p) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
+/* Q4G, a pair of blocks (32 packed bytes, 64 columns) per step.  AND 0x0f gives the low nibbles of
+ * both blocks (columns 0..15 of each), a shift and an AND the high ones (16..31), lined up with the
+ * activation in its quad order (q4x, d2m_act_q4_split: a pair's first halves, and 64 bytes on its
+ * second halves), so unpacking needs no shuffle.  The two maddubs (n unsigned 0..15 times q, pair
+ * sums |.| <= 2·15·127) are added in int16 (|.| <= 7620), summed to int32 by madd and started
+ * from q4neg, −8·(the x sum of the lane's 8 columns): lane l of a block is the exact partial sum
+ * Σ (n − 8)·x of its columns 4l..4l+3 and 16+4l..16+4l+3, the lanes of the AVX-512 kernel.
+ * Measured here (Zen 3, hot in L2): 3.2 cycles a block, where one block a step (a 128-bit load
+ * widened by an insert, a pairs8 offset per column pair) took 5.0. */
+static inline __m256 q4_pair(__m256i raw, const int8_t *xlo, const int8_t *xhi, const int32_t *neg) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    const __m256i lo = _mm256_and_si256(raw, low4);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+    const __m256i sums16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, load_i8(xlo)), _mm256_maddubs_epi16(hi, load_i8(xhi)));
+    const __m256i lanes = _mm256_add_epi32(_mm256_madd_epi16(sums16, _mm256_set1_epi16(1)),
+                                           _mm256_loadu_si256((const __m256i *)neg));
+    return _mm256_cvtepi32_ps(lanes);
 }
 
-/* Exact dot of one Q4 block with its activation block, as 8 int32 partials converted to float:
- * maddubs(n, x) sums n·x over column pairs (n unsigned 0..15, |pair| <= 2·15·127), and subtracting
- * pairs8 = 8·(x + x') of each pair makes it (n − 8)·x exactly — the same per-lane partial sums
- * as the scalar reference's, with one subtraction instead of an offset, abs and sign per block. */
-static inline __m256 dot_q4(const uint8_t *packed, const int8_t *xq, const int16_t *pairs8) {
-    const __m256i pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(unpack_nibbles(packed), load_i8(xq)),
-                                           _mm256_loadu_si256((const __m256i *)pairs8));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+/* float32 [8]: lane i the scale of block b0 + i, for n = 8 or 4 blocks from a multiple of n (their
+ * n >> shift groups: 8, 4, 2 or 1 binary16 scales, exactly those read; lanes past n are 0, as the
+ * loads leave the rest of h zero) */
+static inline __m256 q4_scales(const uint16_t *p, int n, int shift) {
+    __m128i h;
+    switch (n >> shift) {
+    case 8:
+        h = _mm_loadu_si128((const __m128i *)p);
+        break;
+    case 4:
+        h = _mm_loadl_epi64((const __m128i *)p);
+        break;
+    case 2: {
+        int32_t two;
+        memcpy(&two, p, sizeof two);
+        h = _mm_cvtsi32_si128(two);
+        break;
+    }
+    default:
+        h = _mm_cvtsi32_si128(p[0]);
+    }
+    const __m256i group_of = _mm256_srlv_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(shift));
+    return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(h), group_of);
 }
 
-#define Q4_SEGMENT 64  /* groups whose scales are widened to float at a time */
+/* lanes 0-3: block 2k's scale·d, lanes 4-7: block 2k+1's (sd: 8 blocks' scale·d) */
+static inline __m256 q4_pick(__m256 sd, int k) {
+    return _mm256_permutevar8x32_ps(sd, _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1));
+}
 
 static inline float q4g_row(const d2m_matrix *w, int row, const d2m_act *x) {
     const d2m_q4g_row q4 = d2m_q4g_row_at(w, row);
-    const int nblk = q4.nblk, ngroups = q4.ngroups, shift = q4.shift;  /* block >> shift = group */
-    const uint8_t *packed = q4.packed;
-    const uint16_t *scales = q4.scales;
+    const int nblk = q4.nblk, shift = q4.shift;  /* block >> shift = group */
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
-    float sc[Q4_SEGMENT];
-    for (int g0 = 0; g0 < ngroups; g0 += Q4_SEGMENT) {
-        const int g1 = g0 + Q4_SEGMENT < ngroups ? g0 + Q4_SEGMENT : ngroups;
-        int g = g0;
-        for (; g + 8 <= g1; g += 8)
-            _mm256_storeu_ps(sc + (g - g0), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + g))));
-        for (; g < g1; g++)
-            sc[g - g0] = _cvtsh_ss(scales[g]);
-        const int b1 = (g1 << shift) < nblk ? g1 << shift : nblk;
-        int b = g0 << shift;
-#define Q4_STEP(ACC, K)                                                                           \
-    ACC = _mm256_fmadd_ps(dot_q4(packed + (size_t)(b + K) * 16, x->q + (size_t)(b + K) * 32,           \
-                                 x->pairs8 + (size_t)(b + K) * 16),                                 \
-                          _mm256_set1_ps(sc[((b + K) >> shift) - g0] * x->d[b + K]), ACC)
-        for (; b + 4 <= b1; b += 4) {
-            Q4_STEP(acc0, 0);
-            Q4_STEP(acc1, 1);
-            Q4_STEP(acc2, 2);
-            Q4_STEP(acc3, 3);
-        }
-        for (; b < b1; b++)
-            Q4_STEP(acc0, 0);
-#undef Q4_STEP
+    int b0 = 0;
+    for (; b0 + 8 <= nblk; b0 += 8) {  /* two quads a step */
+        const int8_t *xq = x->q4x + (size_t)b0 * 32;
+        const int32_t *neg = x->q4neg + (size_t)b0 * 4;
+        const uint8_t *wq = q4.packed + (size_t)b0 * 16;
+        PREFETCH_NTA(wq, 128, PREFETCH_INT);
+        const __m256 sd = _mm256_mul_ps(q4_scales(q4.scales + (b0 >> shift), 8, shift), _mm256_loadu_ps(x->d + b0));
+        acc0 = _mm256_fmadd_ps(q4_pair(_mm256_loadu_si256((const __m256i *)wq), xq, xq + 64, neg), q4_pick(sd, 0), acc0);
+        acc1 = _mm256_fmadd_ps(q4_pair(_mm256_loadu_si256((const __m256i *)(wq + 32)), xq + 32, xq + 96, neg + 8),
+                               q4_pick(sd, 1), acc1);
+        acc2 = _mm256_fmadd_ps(q4_pair(_mm256_loadu_si256((const __m256i *)(wq + 64)), xq + 128, xq + 192, neg + 16),
+                               q4_pick(sd, 2), acc2);
+        acc3 = _mm256_fmadd_ps(q4_pair(_mm256_loadu_si256((const __m256i *)(wq + 96)), xq + 160, xq + 224, neg + 24),
+                               q4_pick(sd, 3), acc3);
+    }
+    if (b0 + 4 <= nblk) {  /* a last whole quad (896 columns: 3 steps and a quad) */
+        const int8_t *xq = x->q4x + (size_t)b0 * 32;
+        const int32_t *neg = x->q4neg + (size_t)b0 * 4;
+        const uint8_t *wq = q4.packed + (size_t)b0 * 16;
+        const __m256 d = _mm256_zextps128_ps256(_mm_loadu_ps(x->d + b0));
+        const __m256 sd = _mm256_mul_ps(q4_scales(q4.scales + (b0 >> shift), 4, shift), d);
+        acc0 = _mm256_fmadd_ps(q4_pair(_mm256_loadu_si256((const __m256i *)wq), xq, xq + 64, neg), q4_pick(sd, 0), acc0);
+        acc1 = _mm256_fmadd_ps(q4_pair(_mm256_loadu_si256((const __m256i *)(wq + 32)), xq + 32, xq + 96, neg + 8),
+                               q4_pick(sd, 1), acc1);
+        b0 += 4;
+    }
+    if (b0 < nblk) {  /* the row's last 1..3 blocks: scale·d 0 past its end, a lone last block loaded alone */
+        const int nb = nblk - b0;
+        float t[8] = {0};
+        for (int i = 0; i < nb; i++)
+            t[i] = _cvtsh_ss(q4.scales[(b0 + i) >> shift]) * x->d[b0 + i];
+        const __m256 sd = _mm256_loadu_ps(t);
+        const int8_t *xq = x->q4x + (size_t)b0 * 32;
+        const int32_t *neg = x->q4neg + (size_t)b0 * 4;
+        const uint8_t *wq = q4.packed + (size_t)b0 * 16;
+        const __m256i raw0 = nb >= 2 ? _mm256_loadu_si256((const __m256i *)wq)
+                                     : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)wq));
+        acc2 = _mm256_fmadd_ps(q4_pair(raw0, xq, xq + 64, neg), q4_pick(sd, 0), acc2);
+        if (nb == 3)
+            acc3 = _mm256_fmadd_ps(q4_pair(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(wq + 32))),
+                                           xq + 32, xq + 96, neg + 8),
+                                   q4_pick(sd, 1), acc3);
     }
     return hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
 }
