@@ -117,7 +117,7 @@ static const d2m_path PATHS[] = {
 #if defined(D2M_HAVE_AVX2)
     {"avx2", cpu_avx2,
      {d2m_dot_f32_avx2, d2m_dot_f16_avx2, d2m_dot_bf16_avx2, d2m_dot_q8_avx2, d2m_dot_q4g_avx2},
-     {0, 0, 0, D2M_ACT_Q, D2M_ACT_Q | D2M_ACT_Q4}, d2m_act_prepare_portable, d2m_stream_avx2},
+     {0, 0, 0, D2M_ACT_Q, D2M_ACT_Q | D2M_ACT_Q4}, d2m_act_prepare_avx2, d2m_stream_avx2},
 #endif
 #if defined(D2M_HAVE_DOTPROD)
     {"neon_dotprod", cpu_dotprod,

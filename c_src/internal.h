@@ -98,6 +98,7 @@ void d2m_dot_bf16_avx2(float *out, const d2m_matrix *w, int r0, int r1, const d2
 void d2m_dot_q8_avx2(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
 void d2m_dot_q4g_avx2(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x);
 uint64_t d2m_stream_avx2(const uint64_t *p, size_t n);
+void d2m_act_prepare_avx2(const d2m_act_buf *out, const float *x, int cols, unsigned reads);
 #endif
 #ifdef D2M_HAVE_AVX512
 void d2m_act_prepare_avx512(const d2m_act_buf *out, const float *x, int cols, unsigned reads);
