@@ -148,6 +148,12 @@ static inline d2m_q4g_row d2m_q4g_row_at(const d2m_matrix *w, int row) {
     r.shift = w->group == 32 ? 0 : w->group == 64 ? 1 : 2;
     return r;
 }
+
+/* r moved to the next row of its matrix (a range's rows without recomputing the layout per row) */
+static inline void d2m_q4g_row_next(d2m_q4g_row *r) {
+    r->packed += (size_t)r->nblk * 16;
+    r->scales += r->ngroups;
+}
 void d2m_quantize_act_row(int8_t *xq, float *xd, const float *x, int cols);
 void d2m_act_prepare_portable(const d2m_act_buf *out, const float *x, int cols, unsigned reads);
 /* pairs8[i] = 8 * (xq[2i] + xq[2i+1]) for the nblk*16 column pairs of a quantised row */

@@ -251,8 +251,7 @@ static inline __m256 q4_pick(__m256 sd, int k) {
     return _mm256_permutevar8x32_ps(sd, _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1));
 }
 
-static inline float q4g_row(const d2m_matrix *w, int row, const d2m_act *x) {
-    const d2m_q4g_row q4 = d2m_q4g_row_at(w, row);
+static inline float q4g_row(const d2m_q4g_row q4, const d2m_act *x) {
     const int nblk = q4.nblk, shift = q4.shift;  /* block >> shift = group */
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
@@ -302,7 +301,13 @@ static inline float q4g_row(const d2m_matrix *w, int row, const d2m_act *x) {
     return hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
 }
 
-D2M_RANGE(d2m_dot_q4g_avx2, q4g_row)
+/* The layout once per range, not per row: on 896-column rows (28 blocks) its division and call
+ * cost about 20 cycles a row, a quarter of the row's arithmetic. */
+void d2m_dot_q4g_avx2(float *out, const d2m_matrix *w, int r0, int r1, const d2m_act *x) {
+    d2m_q4g_row q4 = d2m_q4g_row_at(w, r0);
+    for (int r = r0; r < r1; r++, d2m_q4g_row_next(&q4))
+        out[r - r0] = q4g_row(q4, x);
+}
 
 uint64_t d2m_stream_avx2(const uint64_t *p, size_t n) {
     __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
