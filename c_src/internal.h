@@ -155,6 +155,18 @@ static inline void d2m_q4g_row_next(d2m_q4g_row *r) {
     r->scales += r->ngroups;
 }
 void d2m_quantize_act_row(int8_t *xq, float *xd, const float *x, int cols);
+/* The quantised activation of x [cols] with a path's whole-block quantiser (32 columns, the
+ * portable bytes); a partial last block takes the portable code.  Inline, so each SIMD unit's
+ * block function is inlined into its own copy. */
+static inline void d2m_quantize_act_blocks(int8_t *xq, float *xd, const float *x, int cols,
+                                           void (*block)(int8_t *q, float *d, const float *x)) {
+    const int nblk = (cols + D2M_QBLOCK - 1) / D2M_QBLOCK, full = cols / D2M_QBLOCK;
+    for (int b = 0; b < full; b++)
+        block(xq + (size_t)b * D2M_QBLOCK, xd + b, x + (size_t)b * D2M_QBLOCK);
+    if (full < nblk)
+        d2m_quantize_act_row(xq + (size_t)full * D2M_QBLOCK, xd + full, x + (size_t)full * D2M_QBLOCK,
+                             cols - full * D2M_QBLOCK);
+}
 void d2m_act_prepare_portable(const d2m_act_buf *out, const float *x, int cols, unsigned reads);
 /* pairs8[i] = 8 * (xq[2i] + xq[2i+1]) for the nblk*16 column pairs of a quantised row */
 void d2m_act_pairs8(int16_t *pairs8, const int8_t *xq, int cols);

@@ -140,16 +140,11 @@ static inline void q4_split_quad(int8_t *q4x, int32_t *q4neg, const __m256i bloc
 }
 
 void d2m_act_prepare_avx2(const d2m_act_buf *out, const float *x, int cols, unsigned reads) {
-    const int nblk = d2m_act_blocks(cols), full = cols / D2M_QBLOCK;
-    for (int b = 0; b < full; b++)
-        quantize_block(out->q + (size_t)b * D2M_QBLOCK, out->d + b, x + (size_t)b * D2M_QBLOCK);
-    if (full < nblk)
-        d2m_quantize_act_row(out->q + (size_t)full * D2M_QBLOCK, out->d + full, x + (size_t)full * D2M_QBLOCK,
-                             cols - full * D2M_QBLOCK);
+    d2m_quantize_act_blocks(out->q, out->d, x, cols, quantize_block);
     if (reads & D2M_ACT_PAIRS8)  /* read by no AVX2 kernel */
         d2m_act_pairs8(out->pairs8, out->q, cols);
     if (reads & D2M_ACT_Q4) {
-        const int nquad = d2m_act_quads(cols);
+        const int nblk = d2m_act_blocks(cols), nquad = d2m_act_quads(cols);
         for (int k = 0; k < nquad; k++) {
             __m256i blocks[4];
             for (int i = 0; i < 4; i++)

@@ -65,12 +65,8 @@ static inline __mmask64 first64(size_t n) {
 }
 
 void d2m_act_prepare_avx512(const d2m_act_buf *out, const float *x, int cols, unsigned reads) {
-    const int nblk = d2m_act_blocks(cols), full = cols / D2M_QBLOCK;
-    for (int b = 0; b < full; b++)
-        quantize_block(out->q + (size_t)b * D2M_QBLOCK, out->d + b, x + (size_t)b * D2M_QBLOCK);
-    if (full < nblk)
-        d2m_quantize_act_row(out->q + (size_t)full * D2M_QBLOCK, out->d + full, x + (size_t)full * D2M_QBLOCK,
-                             cols - full * D2M_QBLOCK);
+    d2m_quantize_act_blocks(out->q, out->d, x, cols, quantize_block);
+    const int nblk = d2m_act_blocks(cols);
     const size_t nbytes = (size_t)nblk * D2M_QBLOCK;
     const __m512i ones = _mm512_set1_epi8(1);
     if (reads & D2M_ACT_PAIRS8) {  /* 8·(q[2i] + q[2i+1]): u8 ones × s8 q, pairs summed */
