@@ -160,7 +160,7 @@ void d2m_quantize_act_row(int8_t *xq, float *xd, const float *x, int cols);
  * block function is inlined into its own copy. */
 static inline void d2m_quantize_act_blocks(int8_t *xq, float *xd, const float *x, int cols,
                                            void (*block)(int8_t *q, float *d, const float *x)) {
-    const int nblk = (cols + D2M_QBLOCK - 1) / D2M_QBLOCK, full = cols / D2M_QBLOCK;
+    const int nblk = d2m_act_blocks(cols), full = cols / D2M_QBLOCK;
     for (int b = 0; b < full; b++)
         block(xq + (size_t)b * D2M_QBLOCK, xd + b, x + (size_t)b * D2M_QBLOCK);
     if (full < nblk)

@@ -246,35 +246,45 @@ static inline __m256 q4_pick(__m256 sd, int k) {
     return _mm256_permutevar8x32_ps(sd, _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1));
 }
 
+/* acc + pair k (blocks 2k, 2k+1 from a step's start) times its scale·d: raw its 32 packed bytes,
+ * xq and neg the step's activation (pair k is half k%2 of quad k/2), sd the step's scale·d */
+static inline __m256 q4_acc(__m256 acc, __m256i raw, const int8_t *xq, const int32_t *neg, __m256 sd, int k) {
+    const int8_t *xl = xq + (k / 2) * 128 + (k % 2) * 32;
+    return _mm256_fmadd_ps(q4_pair(raw, xl, xl + 64, neg + 8 * k), q4_pick(sd, k), acc);
+}
+
+static inline __m256i load_pair(const uint8_t *p) {
+    return _mm256_loadu_si256((const __m256i *)p);
+}
+
+/* a lone last block's 16 packed bytes, its pair's second block 0 */
+static inline __m256i load_lone(const uint8_t *p) {
+    return _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)p));
+}
+
 static inline float q4g_row(const d2m_q4g_row q4, const d2m_act *x) {
     const int nblk = q4.nblk, shift = q4.shift;  /* block >> shift = group */
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+    const int8_t *xq = x->q4x;      /* a step's activation (32 bytes a block) */
+    const int32_t *neg = x->q4neg;  /* its q4neg (4 lanes a block) */
+    const uint8_t *wq = q4.packed;  /* its weights (16 bytes a block) */
     int b0 = 0;
-    for (; b0 + 8 <= nblk; b0 += 8) {  /* two quads a step */
-        const int8_t *xq = x->q4x + (size_t)b0 * 32;
-        const int32_t *neg = x->q4neg + (size_t)b0 * 4;
-        const uint8_t *wq = q4.packed + (size_t)b0 * 16;
+    for (; b0 + 8 <= nblk; b0 += 8, xq += 256, neg += 32, wq += 128) {  /* two quads a step */
         PREFETCH_NTA(wq, 128, PREFETCH_INT);
         const __m256 sd = _mm256_mul_ps(q4_scales(q4.scales + (b0 >> shift), 8, shift), _mm256_loadu_ps(x->d + b0));
-        acc0 = _mm256_fmadd_ps(q4_pair(_mm256_loadu_si256((const __m256i *)wq), xq, xq + 64, neg), q4_pick(sd, 0), acc0);
-        acc1 = _mm256_fmadd_ps(q4_pair(_mm256_loadu_si256((const __m256i *)(wq + 32)), xq + 32, xq + 96, neg + 8),
-                               q4_pick(sd, 1), acc1);
-        acc2 = _mm256_fmadd_ps(q4_pair(_mm256_loadu_si256((const __m256i *)(wq + 64)), xq + 128, xq + 192, neg + 16),
-                               q4_pick(sd, 2), acc2);
-        acc3 = _mm256_fmadd_ps(q4_pair(_mm256_loadu_si256((const __m256i *)(wq + 96)), xq + 160, xq + 224, neg + 24),
-                               q4_pick(sd, 3), acc3);
+        acc0 = q4_acc(acc0, load_pair(wq), xq, neg, sd, 0);
+        acc1 = q4_acc(acc1, load_pair(wq + 32), xq, neg, sd, 1);
+        acc2 = q4_acc(acc2, load_pair(wq + 64), xq, neg, sd, 2);
+        acc3 = q4_acc(acc3, load_pair(wq + 96), xq, neg, sd, 3);
     }
     if (b0 + 4 <= nblk) {  /* a last whole quad (896 columns: 3 steps and a quad) */
-        const int8_t *xq = x->q4x + (size_t)b0 * 32;
-        const int32_t *neg = x->q4neg + (size_t)b0 * 4;
-        const uint8_t *wq = q4.packed + (size_t)b0 * 16;
         const __m256 d = _mm256_zextps128_ps256(_mm_loadu_ps(x->d + b0));
         const __m256 sd = _mm256_mul_ps(q4_scales(q4.scales + (b0 >> shift), 4, shift), d);
-        acc0 = _mm256_fmadd_ps(q4_pair(_mm256_loadu_si256((const __m256i *)wq), xq, xq + 64, neg), q4_pick(sd, 0), acc0);
-        acc1 = _mm256_fmadd_ps(q4_pair(_mm256_loadu_si256((const __m256i *)(wq + 32)), xq + 32, xq + 96, neg + 8),
-                               q4_pick(sd, 1), acc1);
+        acc0 = q4_acc(acc0, load_pair(wq), xq, neg, sd, 0);
+        acc1 = q4_acc(acc1, load_pair(wq + 32), xq, neg, sd, 1);
         b0 += 4;
+        xq += 128, neg += 16, wq += 64;
     }
     if (b0 < nblk) {  /* the row's last 1..3 blocks: scale·d 0 past its end, a lone last block loaded alone */
         const int nb = nblk - b0;
@@ -282,16 +292,9 @@ static inline float q4g_row(const d2m_q4g_row q4, const d2m_act *x) {
         for (int i = 0; i < nb; i++)
             t[i] = _cvtsh_ss(q4.scales[(b0 + i) >> shift]) * x->d[b0 + i];
         const __m256 sd = _mm256_loadu_ps(t);
-        const int8_t *xq = x->q4x + (size_t)b0 * 32;
-        const int32_t *neg = x->q4neg + (size_t)b0 * 4;
-        const uint8_t *wq = q4.packed + (size_t)b0 * 16;
-        const __m256i raw0 = nb >= 2 ? _mm256_loadu_si256((const __m256i *)wq)
-                                     : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)wq));
-        acc2 = _mm256_fmadd_ps(q4_pair(raw0, xq, xq + 64, neg), q4_pick(sd, 0), acc2);
+        acc2 = q4_acc(acc2, nb >= 2 ? load_pair(wq) : load_lone(wq), xq, neg, sd, 0);
         if (nb == 3)
-            acc3 = _mm256_fmadd_ps(q4_pair(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(wq + 32))),
-                                           xq + 32, xq + 96, neg + 8),
-                                   q4_pick(sd, 1), acc3);
+            acc3 = q4_acc(acc3, load_lone(wq + 32), xq, neg, sd, 1);
     }
     return hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
 }
