@@ -15,7 +15,10 @@ Prints GB/s of weight bytes read, % of bandwidth, and the ratio to NumPy's refer
 (NumpyKernels.linear: convert, then BLAS) on the same matrices.  A pass is timed in C
 (d2m_gemv_pass: a full d2m_gemv call per matrix, checks and activation preparation included), so
 the rate is the kernels'; the same passes with a Python call per GEMV, as the forward pass makes
-them, are printed beside it (py GB/s: the binding costs 2-6 µs a call).
+them, are printed beside it (py GB/s: the binding costs 2-6 µs a call).  And the kernel's compute
+rate, its other roof: the same call on one thread over a matrix kept in that core's L2 cache (hot
+GB/s, HotGemv), a pass of it after each cold pass.  A format whose hot rate is not well above the
+bandwidth is compute-bound on this CPU, and its % of bandwidth says so.
 
 decode: tokens/s of a Qwen2.5-0.5B-shaped Dense2MoE (random weights) on the C and NumPy paths,
 float32 compute, beside its roofline bound: bandwidth / bytes of weights read per token.  Each
@@ -68,20 +71,29 @@ GB = 1e9
 # The machine
 
 
-def last_level_cache_bytes() -> int:
-    """Size of the largest CPU cache (sysfs), 32 MiB when unknown."""
-    best = 0
+def cache_bytes() -> dict[int, int]:
+    """{level: bytes} of the first CPU's data and unified caches (sysfs); {} when unknown."""
+    out: dict[int, int] = {}
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
-            text = (index / "size").read_text().strip()
-        except OSError:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            level, text = int((index / "level").read_text()), (index / "size").read_text().strip()
+            size = int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        except (OSError, ValueError):
             continue
-        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        try:
-            best = max(best, int(text.rstrip("KMG")) * unit)
-        except ValueError:
-            continue
-    return best or 32 << 20
+        out[level] = max(out.get(level, 0), size)
+    return out
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache, 32 MiB when unknown."""
+    return max(cache_bytes().values(), default=32 << 20)
+
+
+def l2_cache_bytes() -> int:
+    """One core's L2 cache, 512 KiB when unknown."""
+    return cache_bytes().get(2, 512 << 10)
 
 
 def all_threads() -> int:
@@ -288,6 +300,8 @@ class GemvRow:
     ratio_to_numpy: float
     numpy_gbps: float
     python_gbps: float  # the same passes, a binding call per GEMV
+    hot_gbps: float  # one thread, the matrix kept in its L2 cache (HotGemv)
+    hot_rows: int
     path: str
     matrices: int
     working_set_bytes: int
@@ -305,29 +319,62 @@ def _pass_gbps(call, params: list[Param]) -> float:
     return sum(p.nbytes for p in params) / (time.perf_counter() - t) / GB
 
 
+HOT_PASS_BYTES = 64 << 20
+
+
+class HotGemv:
+    """One thread's GEMV on a matrix that stays in its core's L2 cache: the shape's columns and as
+    many of its rows as fill half of the L2 (at least one), called again and again (d2m_gemv_pass,
+    per-call costs included).  Its rate is the kernel's compute rate, the roof that memory is not:
+    where it is not well above the bandwidth, a cold GEMV cannot reach the bandwidth, however its
+    loads are scheduled."""
+
+    def __init__(self, fmt: str, rows: int, cols: int, path: str | None, offset: int):
+        row_bytes = random_matrices(fmt, 1, cols, 1, 3, offset)[0].nbytes
+        self.rows = max(1, min(rows, l2_cache_bytes() // 2 // row_bytes))
+        w = random_matrices(fmt, self.rows, cols, 1, 3, offset)[0]
+        self.ws, self.nbytes = [w] * max(1, HOT_PASS_BYTES // w.nbytes), w.nbytes
+        self.x = np.random.default_rng(2).standard_normal((1, cols), dtype=np.float32)
+        self.y = np.empty((1, self.rows), np.float32)
+        self.kernels = ckernels.CKernels(path=path, threads=1)
+        self.kernels.gemv_pass(self.y, self.ws, self.x)  # into the cache, and described once
+
+    def rate(self) -> float:
+        """GB/s of one pass."""
+        return len(self.ws) * self.nbytes / self.kernels.gemv_pass(self.y, self.ws, self.x) / GB
+
+
 def bench_gemv(fmt: str, rows: int, cols: int, threads: list[int], bandwidth: dict[int, Bandwidth], seconds: float,
                path: str | None, offset: int = 0) -> list[GemvRow]:
     """One format and shape on each thread count: for `seconds`, a bandwidth read then a pass of
     GEMVs over the cold set timed in C (CKernels.gemv_pass), alternately (Paired); then passes
     through the Python binding (a call each, as the forward pass makes them) and NumPy's passes
-    over the same set."""
+    over the same set.  After each cold pass, a pass of HotGemv: its median is the row's hot rate."""
     probe = random_matrices(fmt, rows, cols, 1, 0, offset)[0]
     count = max(2, math.ceil(cold_bytes() / probe.nbytes))
     params = [probe] + random_matrices(fmt, rows, cols, count - 1, 1, offset)
     total = sum(p.nbytes for p in params)
     x = np.random.default_rng(2).standard_normal((1, cols), dtype=np.float32)
     y = np.empty((1, rows), np.float32)
+    hot = HotGemv(fmt, rows, cols, path, offset)
     out = []
     for t in threads:
         ck = ckernels.CKernels(path=path, threads=t)
         ck.gemv_pass(y, params, x)  # describe every matrix once, outside the timing
-        c = paired(lambda: total / ck.gemv_pass(y, params, x) / GB, bandwidth[t], GB, seconds)
+        hot_rates = []
+
+        def cold_then_hot() -> float:
+            rate = total / ck.gemv_pass(y, params, x) / GB
+            hot_rates.append(hot.rate())  # in the same seconds: this machine's compute rate varies too
+            return rate
+
+        c = paired(cold_then_hot, bandwidth[t], GB, seconds)
         py_gbps = _median_rate(lambda: _pass_gbps(lambda p: ck.gemv(y, p, x), params), seconds / 3)
         reference = NumpyKernels()
         with _blas_threads(t):
             np_gbps = _median_rate(lambda: _pass_gbps(lambda p: reference.linear(x, p), params), seconds / 3)
         out.append(GemvRow(fmt, f"{rows}x{cols}", t, c.rate, c.bandwidth, c.ratio, c.rate / np_gbps, np_gbps,
-                           py_gbps, ck.path, count, total, offset, len(c.rates), c.spread))
+                           py_gbps, float(np.median(hot_rates)), hot.rows, ck.path, count, total, offset, len(c.rates), c.spread))
     return out
 
 
@@ -378,7 +425,7 @@ def _fmt_gemv(r: GemvRow) -> str:
     q1, q3 = r.ratio_quartiles
     return (f"{r.format:10} {r.shape:>10} {r.threads:>3} {r.gbps:7.1f} {r.bandwidth_gbps:7.1f} "
             f"{100 * r.ratio_to_bandwidth:5.0f}% {f'{100 * q1:.0f}-{100 * q3:.0f}%':>9} {r.python_gbps:8.1f} "
-            f"{r.numpy_gbps:10.2f} {r.ratio_to_numpy:8.1f}")
+            f"{r.numpy_gbps:10.2f} {r.ratio_to_numpy:8.1f} {r.hot_gbps:8.1f}")
 
 
 def main_gemv(args: argparse.Namespace) -> int:
@@ -390,9 +437,10 @@ def main_gemv(args: argparse.Namespace) -> int:
           f"{args.offset} bytes past a 64-byte boundary.  For {args.seconds:g} s per row, a bandwidth read and a pass "
           "of GEMVs over the set (timed in C, d2m_gemv_pass) in turn; medians, and % bw = the median of the per-pair "
           "ratios (its middle half beside it).  py GB/s: the same passes with a Python call per GEMV, as the forward "
-          "pass makes them")
+          "pass makes them.  hot GB/s: one thread on a matrix kept in its L2 cache (the shape's columns, rows filling "
+          f"half of its {l2_cache_bytes() >> 10} KiB), the kernel's compute rate: a cold GEMV near it is compute-bound")
     print(f"\n{'format':10} {'shape':>10} {'thr':>3} {'GB/s':>7} {'bw GB/s':>7} {'% bw':>6} {'mid half':>9} "
-          f"{'py GB/s':>8} {'numpy GB/s':>10} {'x numpy':>8}")
+          f"{'py GB/s':>8} {'numpy GB/s':>10} {'x numpy':>8} {'hot GB/s':>8}")
     rows_out: list[GemvRow] = []
     for fmt in args.formats.split(","):
         for rows, cols in shapes:

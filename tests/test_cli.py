@@ -621,6 +621,7 @@ def test_bench_gemv_and_decode_rows(tmp_path, monkeypatch, capsys):
         assert r["shape"] == "33x100" and r["offset"] == 16 and r["gbps"] > 0 and r["bandwidth_gbps"] > 0
         assert r["pairs"] >= 5 and r["ratio_quartiles"][0] <= r["ratio_to_bandwidth"] <= r["ratio_quartiles"][1]
         assert r["python_gbps"] > 0 and "4 KiB pages" in text
+        assert r["hot_gbps"] > 0 and r["hot_rows"] == 33  # 33 rows of 100 columns fit in half of any L2
     out.write_text("mine")
     status, text, err = call(bench.main, argv, capsys)
     assert status == 2 and "--force" in err and out.read_text() == "mine" and "GB/s" not in text
@@ -635,6 +636,17 @@ def test_bench_gemv_and_decode_rows(tmp_path, monkeypatch, capsys):
     assert all(r["tokens_per_s"] > 0 and r["ratio_to_bound"] > 0 for r in rows)
     assert [r["steps"] for r in rows] == [2, 1, 2, 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decode.json", "gemv.json"]  # its checkpoints are gone
+
+
+@pytest.mark.skipif(not c_kernels_available(), reason="C kernels not built")
+def test_bench_hot_matrix_fills_half_the_l2(monkeypatch):
+    """The hot matrix: the shape's columns, as many of its rows as fill half of the L2, one at least."""
+    from d2m_ref import bench_kernels
+    monkeypatch.setattr(bench_kernels, "l2_cache_bytes", lambda: 64 << 10)
+    hot = bench_kernels.HotGemv("f32", 1000, 100, None, 0)  # 400-byte rows: 81 fill 32 KiB
+    assert hot.rows == 81 and hot.y.shape == (1, 81) and hot.nbytes == 81 * 400 and hot.rate() > 0
+    assert bench_kernels.HotGemv("f32", 50, 100, None, 0).rows == 50  # the whole matrix fits
+    assert bench_kernels.HotGemv("int8", 10, 40000, None, 0).rows == 1  # one row is more than half
 
 
 def test_bench_paired_ratio_is_per_pair():
