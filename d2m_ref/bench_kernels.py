@@ -374,7 +374,8 @@ def bench_gemv(fmt: str, rows: int, cols: int, threads: list[int], bandwidth: di
         with _blas_threads(t):
             np_gbps = _median_rate(lambda: _pass_gbps(lambda p: reference.linear(x, p), params), seconds / 3)
         out.append(GemvRow(fmt, f"{rows}x{cols}", t, c.rate, c.bandwidth, c.ratio, c.rate / np_gbps, np_gbps,
-                           py_gbps, float(np.median(hot_rates)), hot.rows, ck.path, count, total, offset, len(c.rates), c.spread))
+                           py_gbps, float(np.median(hot_rates)), hot.rows, ck.path, count, total, offset,
+                           len(c.rates), c.spread))
     return out
 
 
