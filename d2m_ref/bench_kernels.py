@@ -23,7 +23,8 @@ bandwidth is compute-bound on this CPU, and its % of bandwidth says so.
 decode: tokens/s of a Qwen2.5-0.5B-shaped Dense2MoE (random weights) on the C and NumPy paths,
 float32 compute, beside its roofline bound: bandwidth / bytes of weights read per token.  Each
 format's model is written to a checkpoint (`quantize` for the integer formats) and loaded
-memory-mapped, as `python -m d2m_ref.run --weights` does.
+memory-mapped, as `python -m d2m_ref.run --weights` does.  "in kernels": the share of a step spent
+inside the kernels' calls (TimedKernels); the rest is Python and NumPy around them.
 
 The machines here are shared and their memory bandwidth varies from moment to moment (on the
 2-vCPU VM this was written on, two-thread reads switch between about 45-55 and 68-74 GB/s), so
@@ -489,6 +490,46 @@ def bytes_per_token(model) -> int:
     return int(total)
 
 
+class TimedKernels:
+    """Kernels that add up the seconds spent in their calls (linear, expert, experts_topk: every call
+    the forward pass makes), so a decode step splits into the kernels and the Python around them.
+    The wrapper's own cost (a call frame, two clock reads) counts as Python."""
+
+    def __init__(self, kernels):
+        self.kernels, self.seconds = kernels, 0.0
+
+    def _timed(self, fn, *args):
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+    def linear(self, x, w):
+        return self._timed(self.kernels.linear, x, w)
+
+    def expert(self, x, w):
+        return self._timed(self.kernels.expert, x, w)
+
+    def experts_topk(self, x, experts, topk_ids, topk_weights):
+        return self._timed(self.kernels.experts_topk, x, experts, topk_ids, topk_weights)
+
+
+def timed_decode(model, kernels, bandwidth: Bandwidth, per_token: int, steps: int) -> tuple[Paired, float]:
+    """Paired decode steps (decode_steps, each after a bandwidth read) and the median share of a
+    step spent inside the kernels' calls."""
+    timed = TimedKernels(kernels)
+    step, shares = decode_steps(model, timed), []
+
+    def sample() -> float:
+        before = timed.seconds
+        rate = step()
+        shares.append((timed.seconds - before) * rate)
+        return rate
+
+    return paired(sample, bandwidth, per_token, 0.0, steps), float(np.median(shares))
+
+
 def decode_steps(model, kernels, prompt: int = 8):
     """A function running one more steady-state decode step (float32 compute) and returning its
     rate in tokens/s, after a `prompt`-token prefill and one untimed step."""
@@ -545,9 +586,9 @@ def main_decode(args: argparse.Namespace) -> int:
           f"{args.top_k}, vocab {args.vocab}, tied LM head (kept in the float storage by quantize); each format "
           f"written to a checkpoint and memory-mapped.  {args.tokens} decode steps on C ({args.numpy_tokens} on "
           "NumPy), each after a bandwidth read; medians, and % bound = the median of the per-step ratios of rate "
-          "to bound (its middle half beside it)")
+          "to bound (its middle half beside it); in kernels: the median share of a step inside the kernels' calls")
     print(f"\n{'format':10} {'kernels':>8} {'thr':>3} {'MB/token':>9} {'tok/s':>8} {'bw GB/s':>7} {'bound':>8} "
-          f"{'% bound':>8} {'mid half':>9}")
+          f"{'% bound':>8} {'mid half':>9} {'in kernels':>10}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="d2m-bench-decode-", dir=args.dir) as work:
         for fmt, path in write_models(cfg_dict, formats, Path(work)):
@@ -557,19 +598,19 @@ def main_decode(args: argparse.Namespace) -> int:
             per_token = bytes_per_token(model)
             for name, t in [("c", t) for t in threads] + [("numpy", max(threads))]:
                 if name == "c":
-                    step = decode_steps(model, ckernels.CKernels(path=args.path, threads=t))
-                    d = paired(step, bandwidth[t], per_token, 0.0, args.tokens)
+                    d, share = timed_decode(model, ckernels.CKernels(path=args.path, threads=t), bandwidth[t],
+                                            per_token, args.tokens)
                 else:
                     with _blas_threads(t):
-                        d = paired(decode_steps(model, NumpyKernels()), bandwidth[t], per_token, 0.0,
-                                   args.numpy_tokens)
+                        d, share = timed_decode(model, NumpyKernels(), bandwidth[t], per_token, args.numpy_tokens)
                 bound = d.bandwidth * GB / per_token
                 q1, q3 = d.spread
                 rows.append({"format": fmt, "kernels": name, "threads": t, "bytes_per_token": per_token,
                              "tokens_per_s": d.rate, "bound_tokens_per_s": bound, "ratio_to_bound": d.ratio,
-                             "ratio_quartiles": [q1, q3], "bandwidth_gbps": d.bandwidth, "steps": len(d.rates)})
+                             "ratio_quartiles": [q1, q3], "bandwidth_gbps": d.bandwidth, "steps": len(d.rates),
+                             "kernel_share": share})
                 print(f"{fmt:10} {name:>8} {t:>3} {per_token / 1e6:9.1f} {d.rate:8.2f} {d.bandwidth:7.1f} {bound:8.2f} "
-                      f"{100 * d.ratio:7.0f}% {f'{100 * q1:.0f}-{100 * q3:.0f}%':>9}", flush=True)
+                      f"{100 * d.ratio:7.0f}% {f'{100 * q1:.0f}-{100 * q3:.0f}%':>9} {100 * share:9.0f}%", flush=True)
             del model
     _write_json(args.json, "decode", rows, args.force)
     return 0

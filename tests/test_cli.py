@@ -633,7 +633,7 @@ def test_bench_gemv_and_decode_rows(tmp_path, monkeypatch, capsys):
     assert status == 0, err
     rows = json.loads(dec.read_text())["rows"]
     assert [(r["format"], r["kernels"]) for r in rows] == [("bf16", "c"), ("bf16", "numpy"), ("int8", "c"), ("int8", "numpy")]
-    assert all(r["tokens_per_s"] > 0 and r["ratio_to_bound"] > 0 for r in rows)
+    assert all(r["tokens_per_s"] > 0 and r["ratio_to_bound"] > 0 and 0 < r["kernel_share"] <= 1 for r in rows)
     assert [r["steps"] for r in rows] == [2, 1, 2, 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decode.json", "gemv.json"]  # its checkpoints are gone
 
@@ -647,6 +647,37 @@ def test_bench_hot_matrix_fills_half_the_l2(monkeypatch):
     assert hot.rows == 81 and hot.y.shape == (1, 81) and hot.nbytes == 81 * 400 and hot.rate() > 0
     assert bench_kernels.HotGemv("f32", 50, 100, None, 0).rows == 50  # the whole matrix fits
     assert bench_kernels.HotGemv("int8", 10, 40000, None, 0).rows == 1  # one row is more than half
+
+
+def test_bench_timed_kernels_count_their_calls_only():
+    """TimedKernels passes every call through unchanged and adds up the seconds inside them: a
+    forward pass through it gives the same logits, and its seconds are inside the pass's time."""
+    import time
+    from d2m_ref.config import parse_config
+    from d2m_ref.demo import DEMO_SEED, demo_config
+    from d2m_ref.kernels import NumpyKernels
+    from d2m_ref.synth import random_model
+    from d2m_ref import bench_kernels
+    model = random_model(parse_config(demo_config()), DEMO_SEED, "BF16")
+    timed = bench_kernels.TimedKernels(NumpyKernels())
+    ref, _ = forward(model, [1, 2, 3], dtype=np.float32, kernels=NumpyKernels())
+    t = time.perf_counter()
+    got, _ = forward(model, [1, 2, 3], dtype=np.float32, kernels=timed)
+    elapsed = time.perf_counter() - t
+    np.testing.assert_array_equal(got, ref)
+    assert 0 < timed.seconds < elapsed
+
+    class Slow(NumpyKernels):  # every linear call takes 5 ms more
+        calls = 0
+
+        def linear(self, x, w):
+            Slow.calls += 1
+            time.sleep(0.005)
+            return super().linear(x, w)
+
+    timed = bench_kernels.TimedKernels(Slow())
+    forward(model, [1], dtype=np.float32, kernels=timed)
+    assert Slow.calls > 4 and timed.seconds >= 0.005 * Slow.calls
 
 
 def test_bench_paired_ratio_is_per_pair():
