@@ -16,15 +16,17 @@ Prints GB/s of weight bytes read, % of bandwidth, and the ratio to NumPy's refer
 (d2m_gemv_pass: a full d2m_gemv call per matrix, checks and activation preparation included), so
 the rate is the kernels'; the same passes with a Python call per GEMV, as the forward pass makes
 them, are printed beside it (py GB/s: the binding costs 2-6 µs a call).  And the kernel's compute
-rate, its other roof: the same call on one thread over a matrix kept in that core's L2 cache (hot
-GB/s, HotGemv), a pass of it after each cold pass.  A format whose hot rate is not well above the
-bandwidth is compute-bound on this CPU, and its % of bandwidth says so.
+rate on one core, its other roof: the same call on one thread over a matrix kept in that core's L2
+cache (1-thr hot, HotGemv), a pass of it after each cold pass (so fewer pairs fit in --seconds).  A
+format whose hot rate is not well above one thread's bandwidth is compute-bound on this CPU, and
+its % of bandwidth says so.
 
 decode: tokens/s of a Qwen2.5-0.5B-shaped Dense2MoE (random weights) on the C and NumPy paths,
 float32 compute, beside its roofline bound: bandwidth / bytes of weights read per token.  Each
 format's model is written to a checkpoint (`quantize` for the integer formats) and loaded
 memory-mapped, as `python -m d2m_ref.run --weights` does.  "in kernels": the share of a step spent
-inside the kernels' calls (TimedKernels); the rest is Python and NumPy around them.
+inside the kernels' calls (TimedKernels; for C, the binding's checks included); the rest is Python
+and NumPy around them.  Steps are timed through that wrapper (about 0.4 µs a call, 0.2 % of a step).
 
 The machines here are shared and their memory bandwidth varies from moment to moment (on the
 2-vCPU VM this was written on, two-thread reads switch between about 45-55 and 68-74 GB/s), so
@@ -72,29 +74,41 @@ GB = 1e9
 # The machine
 
 
-def cache_bytes() -> dict[int, int]:
-    """{level: bytes} of the first CPU's data and unified caches (sysfs); {} when unknown."""
-    out: dict[int, int] = {}
+def caches() -> list[tuple[int | None, int]]:
+    """(level, bytes) of the first CPU's data and unified caches, from sysfs; [] when unknown.  An
+    entry without a type counts as unified (the kernel leaves the file out when firmware does not
+    say), one without a level as None."""
+    out = []
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
-            if (index / "type").read_text().strip() == "Instruction":
-                continue
-            level, text = int((index / "level").read_text()), (index / "size").read_text().strip()
+            text = (index / "size").read_text().strip()
             size = int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
         except (OSError, ValueError):
             continue
-        out[level] = max(out.get(level, 0), size)
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+        except OSError:
+            pass
+        try:
+            level = int((index / "level").read_text())
+        except (OSError, ValueError):
+            level = None
+        out.append((level, size))
     return out
 
 
 def last_level_cache_bytes() -> int:
     """Size of the largest CPU cache, 32 MiB when unknown."""
-    return max(cache_bytes().values(), default=32 << 20)
+    return max((size for _, size in caches()), default=32 << 20)
 
 
-def l2_cache_bytes() -> int:
-    """One core's L2 cache, 512 KiB when unknown."""
-    return cache_bytes().get(2, 512 << 10)
+L2_ASSUMED = 512 << 10
+
+
+def l2_cache_bytes() -> int | None:
+    """One core's L2 cache; None when sysfs does not say (then L2_ASSUMED is used, and said)."""
+    return max((size for level, size in caches() if level == 2), default=None)
 
 
 def all_threads() -> int:
@@ -301,7 +315,7 @@ class GemvRow:
     ratio_to_numpy: float
     numpy_gbps: float
     python_gbps: float  # the same passes, a binding call per GEMV
-    hot_gbps: float  # one thread, the matrix kept in its L2 cache (HotGemv)
+    hot_gbps: float | None  # one thread, the matrix kept in its L2 cache (HotGemv); None: no row fits
     hot_rows: int
     path: str
     matrices: int
@@ -321,22 +335,30 @@ def _pass_gbps(call, params: list[Param]) -> float:
 
 
 HOT_PASS_BYTES = 64 << 20
+HOT_PASS_CALLS = 4096  # at most: gemv_pass walks its list in Python
+
+
+def hot_rows(fmt: str, rows: int, cols: int, offset: int) -> int:
+    """Rows of the hot matrix: as many of the shape's as fill half of one core's L2 beside the
+    activation (5 bytes a column: x and its int8 copy); 0 where one row does not fit (its rate would
+    come from beyond the L2: no compute rate)."""
+    row_bytes = random_matrices(fmt, 1, cols, 1, 3, offset)[0].nbytes
+    return min(rows, max(0, (l2_cache_bytes() or L2_ASSUMED) // 2 - 5 * cols) // row_bytes)
 
 
 class HotGemv:
-    """One thread's GEMV on a matrix that stays in its core's L2 cache: the shape's columns and as
-    many of its rows as fill half of the L2 (at least one), called again and again (d2m_gemv_pass,
-    per-call costs included).  Its rate is the kernel's compute rate, the roof that memory is not:
-    where it is not well above the bandwidth, a cold GEMV cannot reach the bandwidth, however its
-    loads are scheduled."""
+    """One thread's GEMV on a matrix that stays in its core's L2 cache (`rows` of the shape's
+    columns, hot_rows), called again and again (d2m_gemv_pass, per-call costs included).  Its rate
+    is the kernel's compute rate on one core, the roof that memory is not: where it is not well
+    above one thread's bandwidth, a cold GEMV cannot reach the bandwidth, however its loads are
+    scheduled (t threads: t times it, where the cores do not share their compute)."""
 
     def __init__(self, fmt: str, rows: int, cols: int, path: str | None, offset: int):
-        row_bytes = random_matrices(fmt, 1, cols, 1, 3, offset)[0].nbytes
-        self.rows = max(1, min(rows, l2_cache_bytes() // 2 // row_bytes))
-        w = random_matrices(fmt, self.rows, cols, 1, 3, offset)[0]
-        self.ws, self.nbytes = [w] * max(1, HOT_PASS_BYTES // w.nbytes), w.nbytes
+        self.rows = rows
+        w = random_matrices(fmt, rows, cols, 1, 3, offset)[0]
+        self.ws, self.nbytes = [w] * min(HOT_PASS_CALLS, max(1, HOT_PASS_BYTES // w.nbytes)), w.nbytes
         self.x = np.random.default_rng(2).standard_normal((1, cols), dtype=np.float32)
-        self.y = np.empty((1, self.rows), np.float32)
+        self.y = np.empty((1, rows), np.float32)
         self.kernels = ckernels.CKernels(path=path, threads=1)
         self.kernels.gemv_pass(self.y, self.ws, self.x)  # into the cache, and described once
 
@@ -357,7 +379,8 @@ def bench_gemv(fmt: str, rows: int, cols: int, threads: list[int], bandwidth: di
     total = sum(p.nbytes for p in params)
     x = np.random.default_rng(2).standard_normal((1, cols), dtype=np.float32)
     y = np.empty((1, rows), np.float32)
-    hot = HotGemv(fmt, rows, cols, path, offset)
+    n_hot = hot_rows(fmt, rows, cols, offset)
+    hot = HotGemv(fmt, n_hot, cols, path, offset) if n_hot else None
     out = []
     for t in threads:
         ck = ckernels.CKernels(path=path, threads=t)
@@ -366,7 +389,8 @@ def bench_gemv(fmt: str, rows: int, cols: int, threads: list[int], bandwidth: di
 
         def cold_then_hot() -> float:
             rate = total / ck.gemv_pass(y, params, x) / GB
-            hot_rates.append(hot.rate())  # in the same seconds: this machine's compute rate varies too
+            if hot is not None:
+                hot_rates.append(hot.rate())  # in the same seconds: this machine's compute rate varies too
             return rate
 
         c = paired(cold_then_hot, bandwidth[t], GB, seconds)
@@ -375,7 +399,8 @@ def bench_gemv(fmt: str, rows: int, cols: int, threads: list[int], bandwidth: di
         with _blas_threads(t):
             np_gbps = _median_rate(lambda: _pass_gbps(lambda p: reference.linear(x, p), params), seconds / 3)
         out.append(GemvRow(fmt, f"{rows}x{cols}", t, c.rate, c.bandwidth, c.ratio, c.rate / np_gbps, np_gbps,
-                           py_gbps, float(np.median(hot_rates)), hot.rows, ck.path, count, total, offset,
+                           py_gbps, float(np.median(hot_rates)) if hot_rates else None, n_hot, ck.path, count,
+                           total, offset,
                            len(c.rates), c.spread))
     return out
 
@@ -423,11 +448,16 @@ def _write_json(path: Path | None, kind: str, rows: list[dict], force: bool) -> 
         print(f"wrote {path}")
 
 
+def l2_note() -> str:
+    l2 = l2_cache_bytes()
+    return f"{l2 >> 10} KiB" if l2 else f"{L2_ASSUMED >> 10} KiB assumed: sysfs does not say"
+
+
 def _fmt_gemv(r: GemvRow) -> str:
     q1, q3 = r.ratio_quartiles
     return (f"{r.format:10} {r.shape:>10} {r.threads:>3} {r.gbps:7.1f} {r.bandwidth_gbps:7.1f} "
             f"{100 * r.ratio_to_bandwidth:5.0f}% {f'{100 * q1:.0f}-{100 * q3:.0f}%':>9} {r.python_gbps:8.1f} "
-            f"{r.numpy_gbps:10.2f} {r.ratio_to_numpy:8.1f} {r.hot_gbps:8.1f}")
+            f"{r.numpy_gbps:10.2f} {r.ratio_to_numpy:8.1f} {'—' if r.hot_gbps is None else f'{r.hot_gbps:.1f}':>9}")
 
 
 def main_gemv(args: argparse.Namespace) -> int:
@@ -439,10 +469,11 @@ def main_gemv(args: argparse.Namespace) -> int:
           f"{args.offset} bytes past a 64-byte boundary.  For {args.seconds:g} s per row, a bandwidth read and a pass "
           "of GEMVs over the set (timed in C, d2m_gemv_pass) in turn; medians, and % bw = the median of the per-pair "
           "ratios (its middle half beside it).  py GB/s: the same passes with a Python call per GEMV, as the forward "
-          "pass makes them.  hot GB/s: one thread on a matrix kept in its L2 cache (the shape's columns, rows filling "
-          f"half of its {l2_cache_bytes() >> 10} KiB), the kernel's compute rate: a cold GEMV near it is compute-bound")
+          "pass makes them.  1-thr hot: one thread on a matrix kept in its core's L2 cache (the shape's columns, rows "
+          f"filling up to half of the L2 beside x, {l2_note()}; — where one row does not fit), the kernel's compute "
+          "rate on one core: a cold GEMV whose rate per thread is near it is compute-bound")
     print(f"\n{'format':10} {'shape':>10} {'thr':>3} {'GB/s':>7} {'bw GB/s':>7} {'% bw':>6} {'mid half':>9} "
-          f"{'py GB/s':>8} {'numpy GB/s':>10} {'x numpy':>8} {'hot GB/s':>8}")
+          f"{'py GB/s':>8} {'numpy GB/s':>10} {'x numpy':>8} {'1-thr hot':>9}")
     rows_out: list[GemvRow] = []
     for fmt in args.formats.split(","):
         for rows, cols in shapes:
@@ -495,15 +526,15 @@ class TimedKernels:
     the forward pass makes), so a decode step splits into the kernels and the Python around them.
     The wrapper's own cost (a call frame, two clock reads) counts as Python."""
 
-    def __init__(self, kernels):
-        self.kernels, self.seconds = kernels, 0.0
+    def __init__(self, kernels, clock=time.perf_counter):
+        self.kernels, self.clock, self.seconds = kernels, clock, 0.0
 
     def _timed(self, fn, *args):
-        t = time.perf_counter()
+        t = self.clock()
         try:
             return fn(*args)
         finally:
-            self.seconds += time.perf_counter() - t
+            self.seconds += self.clock() - t
 
     def linear(self, x, w):
         return self._timed(self.kernels.linear, x, w)

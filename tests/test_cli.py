@@ -640,44 +640,81 @@ def test_bench_gemv_and_decode_rows(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.skipif(not c_kernels_available(), reason="C kernels not built")
 def test_bench_hot_matrix_fills_half_the_l2(monkeypatch):
-    """The hot matrix: the shape's columns, as many of its rows as fill half of the L2, one at least."""
+    """The hot matrix: the shape's columns, as many of its rows as fill half of the L2; none where
+    one row is more than that (its rate would not be a compute rate)."""
     from d2m_ref import bench_kernels
     monkeypatch.setattr(bench_kernels, "l2_cache_bytes", lambda: 64 << 10)
-    hot = bench_kernels.HotGemv("f32", 1000, 100, None, 0)  # 400-byte rows: 81 fill 32 KiB
-    assert hot.rows == 81 and hot.y.shape == (1, 81) and hot.nbytes == 81 * 400 and hot.rate() > 0
-    assert bench_kernels.HotGemv("f32", 50, 100, None, 0).rows == 50  # the whole matrix fits
-    assert bench_kernels.HotGemv("int8", 10, 40000, None, 0).rows == 1  # one row is more than half
+    assert bench_kernels.hot_rows("f32", 1000, 100, 0) == 80  # 400-byte rows: 80 fill 32 KiB beside x's 500
+    assert bench_kernels.hot_rows("f32", 50, 100, 0) == 50  # the whole matrix fits
+    assert bench_kernels.hot_rows("int8", 10, 40000, 0) == 0  # one row is more than half
+    assert bench_kernels.hot_rows("int8", 10, 5000, 0) == 1  # 5000 + 25000 bytes of x fit, 2 rows would not
+    hot = bench_kernels.HotGemv("f32", 80, 100, None, 0)
+    assert hot.y.shape == (1, 80) and hot.nbytes == 80 * 400 and hot.rate() > 0
+    assert len(hot.ws) == (64 << 20) // (80 * 400)  # 64 MiB a pass
+    assert len(bench_kernels.HotGemv("f32", 8, 100, None, 0).ws) == bench_kernels.HOT_PASS_CALLS  # capped
+    monkeypatch.setattr(bench_kernels, "l2_cache_bytes", lambda: None)  # sysfs silent: assumed, and said
+    assert bench_kernels.hot_rows("f32", 10 ** 6, 100, 0) == (bench_kernels.L2_ASSUMED // 2 - 500) // 400
+    assert "assumed" in bench_kernels.l2_note()
+
+
+def test_bench_cache_sizes_from_sysfs(monkeypatch, tmp_path):
+    """Instruction caches do not count; an entry without a type counts as unified, one without a
+    level still counts towards the last level; unreadable sizes are skipped."""
+    from d2m_ref import bench_kernels
+    entries = {"index0": ("1", "Data", "32K"), "index1": ("1", "Instruction", "64M"), "index2": ("2", None, "1024K"),
+               "index3": (None, "Unified", "16M"), "index4": ("3", "Unified", "lots")}
+    cpu = tmp_path / "cpu0" / "cache"
+    for name, (level, kind, size) in entries.items():
+        (cpu / name).mkdir(parents=True)
+        for file, text in (("level", level), ("type", kind), ("size", size)):
+            if text is not None:
+                (cpu / name / file).write_text(text + "\n")
+    real = Path
+
+    def fake_path(text, *rest):
+        return real(str(text).replace("/sys/devices/system/cpu", str(tmp_path)), *rest)
+
+    monkeypatch.setattr(bench_kernels, "Path", fake_path)
+    assert sorted(bench_kernels.caches(), key=str) == sorted([(1, 32 << 10), (2, 1 << 20), (None, 16 << 20)], key=str)
+    assert bench_kernels.l2_cache_bytes() == 1 << 20 and bench_kernels.last_level_cache_bytes() == 16 << 20
 
 
 def test_bench_timed_kernels_count_their_calls_only():
-    """TimedKernels passes every call through unchanged and adds up the seconds inside them: a
-    forward pass through it gives the same logits, and its seconds are inside the pass's time."""
-    import time
+    """TimedKernels passes every call through unchanged and adds up the clock inside them only: a
+    forward pass through it gives the same logits, and with a clock that only the kernels move,
+    its seconds are exactly what they moved it by."""
     from d2m_ref.config import parse_config
     from d2m_ref.demo import DEMO_SEED, demo_config
     from d2m_ref.kernels import NumpyKernels
     from d2m_ref.synth import random_model
     from d2m_ref import bench_kernels
     model = random_model(parse_config(demo_config()), DEMO_SEED, "BF16")
-    timed = bench_kernels.TimedKernels(NumpyKernels())
     ref, _ = forward(model, [1, 2, 3], dtype=np.float32, kernels=NumpyKernels())
-    t = time.perf_counter()
-    got, _ = forward(model, [1, 2, 3], dtype=np.float32, kernels=timed)
-    elapsed = time.perf_counter() - t
-    np.testing.assert_array_equal(got, ref)
-    assert 0 < timed.seconds < elapsed
+    clock = [0.0]
 
-    class Slow(NumpyKernels):  # every linear call takes 5 ms more
+    class Ticking(NumpyKernels):  # every call moves the clock by one second
         calls = 0
 
+        def _tick(self):
+            Ticking.calls += 1
+            clock[0] += 1.0
+
         def linear(self, x, w):
-            Slow.calls += 1
-            time.sleep(0.005)
+            self._tick()
             return super().linear(x, w)
 
-    timed = bench_kernels.TimedKernels(Slow())
-    forward(model, [1], dtype=np.float32, kernels=timed)
-    assert Slow.calls > 4 and timed.seconds >= 0.005 * Slow.calls
+        def expert(self, x, w):
+            self._tick()
+            return super().expert(x, w)
+
+        def experts_topk(self, x, experts, topk_ids, topk_weights):
+            self._tick()
+            return super().experts_topk(x, experts, topk_ids, topk_weights)
+
+    timed = bench_kernels.TimedKernels(Ticking(), clock=lambda: clock[0])
+    got, _ = forward(model, [1, 2, 3], dtype=np.float32, kernels=timed)
+    np.testing.assert_array_equal(got, ref)
+    assert Ticking.calls > 4 and timed.seconds == Ticking.calls
 
 
 def test_bench_paired_ratio_is_per_pair():
