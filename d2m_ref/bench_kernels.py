@@ -338,11 +338,10 @@ HOT_PASS_BYTES = 64 << 20
 HOT_PASS_CALLS = 4096  # at most: gemv_pass walks its list in Python
 
 
-def hot_rows(fmt: str, rows: int, cols: int, offset: int) -> int:
-    """Rows of the hot matrix: as many of the shape's as fill half of one core's L2 beside the
-    activation (5 bytes a column: x and its int8 copy); 0 where one row does not fit (its rate would
-    come from beyond the L2: no compute rate)."""
-    row_bytes = random_matrices(fmt, 1, cols, 1, 3, offset)[0].nbytes
+def hot_rows(row_bytes: int, rows: int, cols: int) -> int:
+    """Rows of the hot matrix: as many of the shape's (`row_bytes` each, its scales included) as fill
+    half of one core's L2 beside the activation (5 bytes a column: x and its int8 copy); 0 where one
+    row does not fit (its rate would come from beyond the L2: no compute rate)."""
     return min(rows, max(0, (l2_cache_bytes() or L2_ASSUMED) // 2 - 5 * cols) // row_bytes)
 
 
@@ -379,7 +378,7 @@ def bench_gemv(fmt: str, rows: int, cols: int, threads: list[int], bandwidth: di
     total = sum(p.nbytes for p in params)
     x = np.random.default_rng(2).standard_normal((1, cols), dtype=np.float32)
     y = np.empty((1, rows), np.float32)
-    n_hot = hot_rows(fmt, rows, cols, offset)
+    n_hot = hot_rows(probe.nbytes // rows, rows, cols)  # every format's bytes are rows × a row's
     hot = HotGemv(fmt, n_hot, cols, path, offset) if n_hot else None
     out = []
     for t in threads:
@@ -400,8 +399,7 @@ def bench_gemv(fmt: str, rows: int, cols: int, threads: list[int], bandwidth: di
             np_gbps = _median_rate(lambda: _pass_gbps(lambda p: reference.linear(x, p), params), seconds / 3)
         out.append(GemvRow(fmt, f"{rows}x{cols}", t, c.rate, c.bandwidth, c.ratio, c.rate / np_gbps, np_gbps,
                            py_gbps, float(np.median(hot_rates)) if hot_rates else None, n_hot, ck.path, count,
-                           total, offset,
-                           len(c.rates), c.spread))
+                           total, offset, len(c.rates), c.spread))
     return out
 
 

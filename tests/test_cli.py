@@ -644,16 +644,16 @@ def test_bench_hot_matrix_fills_half_the_l2(monkeypatch):
     one row is more than that (its rate would not be a compute rate)."""
     from d2m_ref import bench_kernels
     monkeypatch.setattr(bench_kernels, "l2_cache_bytes", lambda: 64 << 10)
-    assert bench_kernels.hot_rows("f32", 1000, 100, 0) == 80  # 400-byte rows: 80 fill 32 KiB beside x's 500
-    assert bench_kernels.hot_rows("f32", 50, 100, 0) == 50  # the whole matrix fits
-    assert bench_kernels.hot_rows("int8", 10, 40000, 0) == 0  # one row is more than half
-    assert bench_kernels.hot_rows("int8", 10, 5000, 0) == 1  # 5000 + 25000 bytes of x fit, 2 rows would not
+    assert bench_kernels.hot_rows(400, 1000, 100) == 80  # 400-byte rows: 80 fill 32 KiB beside x's 500
+    assert bench_kernels.hot_rows(400, 50, 100) == 50  # the whole matrix fits
+    assert bench_kernels.hot_rows(40004, 10, 40000) == 0  # one row is more than half
+    assert bench_kernels.hot_rows(5004, 10, 5000) == 1  # 5000 + 25000 bytes of x fit, 2 rows would not
     hot = bench_kernels.HotGemv("f32", 80, 100, None, 0)
     assert hot.y.shape == (1, 80) and hot.nbytes == 80 * 400 and hot.rate() > 0
     assert len(hot.ws) == (64 << 20) // (80 * 400)  # 64 MiB a pass
     assert len(bench_kernels.HotGemv("f32", 8, 100, None, 0).ws) == bench_kernels.HOT_PASS_CALLS  # capped
     monkeypatch.setattr(bench_kernels, "l2_cache_bytes", lambda: None)  # sysfs silent: assumed, and said
-    assert bench_kernels.hot_rows("f32", 10 ** 6, 100, 0) == (bench_kernels.L2_ASSUMED // 2 - 500) // 400
+    assert bench_kernels.hot_rows(400, 10 ** 6, 100) == (bench_kernels.L2_ASSUMED // 2 - 500) // 400
     assert "assumed" in bench_kernels.l2_note()
 
 
