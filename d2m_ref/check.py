@@ -40,6 +40,7 @@ import numpy as np
 from . import SPEC_VERSION
 from .adapters import Candidate, apply_map, load_candidate, name_map
 from .compare import PRECISIONS, TENSOR_SCALED, Comparison, compare, logit_stats, tolerance, unit_roundoff
+from .cli import add_strict_config_option, warn_unverified
 from .config import ModelConfig
 from .errors import D2MError, InputError
 from .kernels import default_kernels
@@ -114,6 +115,7 @@ class Report:
     forced_layers: list[int]
     reduction: int = 1
     logits: dict | None = None
+    unverified_config_keys: tuple[str, ...] = ()  # config keys d2m_ref accepted without knowing them
 
     @property
     def first_divergence(self) -> StageResult | None:
@@ -146,7 +148,8 @@ class Report:
                 "reference": self.reference, "tokens": self.tokens, "spec_version": SPEC_VERSION,
                 "first_divergence": divergence_dict(first) if first else None,
                 "stages": [r.as_dict() for r in self.stages], "missing": self.missing, "unknown": self.unknown,
-                "forced_routes_layers": self.forced_layers, "logits": self.logits, "notes": self.notes}
+                "forced_routes_layers": self.forced_layers, "logits": self.logits, "notes": self.notes,
+                "unverified_config_keys": list(self.unverified_config_keys)}
 
 
 def divergence_dict(r: StageResult) -> dict:
@@ -447,7 +450,8 @@ def check(model: Model, candidate: dict[str, np.ndarray], precision: str, *,
     report = Report(precision=precision, candidate=candidate_source, reference=reference_source, tokens=int(ids.size),
                     stages=stages, missing=[r.stage.name for r in stages if r.status == "MISSING"],
                     unknown=sorted(set(candidate) - known), notes=list(notes or []) + checker.notes,
-                    forced_layers=sorted(ref.forced), reduction=checker.reduction)
+                    forced_layers=sorted(ref.forced), reduction=checker.reduction,
+                    unverified_config_keys=model.config.unverified_keys)
     if report.compared == 0:
         raise InputError(f"{candidate_source}: none of its tensors is a trace tensor of this model "
                          f"(it holds {', '.join(sorted(candidate)[:6])}{' ...' if len(candidate) > 6 else ''}); "
@@ -604,6 +608,9 @@ def format_report(report: Report, quiet: bool = False) -> str:
                      "Columns: worst |Δ| / allowed (≤ 1 is OK).")
         for note in report.notes:
             lines.append(f"note: {note}")
+        if report.unverified_config_keys:
+            lines.append(f"note: config key(s) not verified (d2m_ref does not know what they change): "
+                         f"{', '.join(report.unverified_config_keys)}")
         lines.append("")
         header = f"{'stage':<18}{'drift':>9}{'local':>9}{'max |Δ|':>11}  {'where':<11}{'candidate':>12}{'reference':>12}  verdict"
         lines.append(header)
@@ -701,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, metavar="report.json", help="also write the report as JSON")
     p.add_argument("--keep-going", action="store_true", help="judge every stage, also after the first divergence")
     p.add_argument("--quiet", action="store_true", help="print only the first divergence and the verdict")
+    add_strict_config_option(p)
     return p
 
 
@@ -739,12 +747,14 @@ def run(args: argparse.Namespace) -> int:
     trace = None
     if case is not None:
         from .tracefile import read_trace
-        model = load_model(case / "model.safetensors", args.config or case / "config.json")
+        model = load_model(case / "model.safetensors", args.config or case / "config.json",
+                           strict_config=args.strict_config)
         trace, _ = read_trace(case / "trace.safetensors")
         reference = f"golden {case.name}"
     else:
-        model = load_model(args.weights, args.config)
+        model = load_model(args.weights, args.config, strict_config=args.strict_config)
         reference = str(args.weights)
+    warn_unverified(model)
     try:
         report = check(model, tensors, precision, input_ids=tokens, reference_trace=trace,
                        keep_going=args.keep_going, candidate_source=cand.source, reference_source=reference,

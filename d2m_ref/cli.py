@@ -62,6 +62,21 @@ def add_model_options(parser: argparse.ArgumentParser, weights_required: bool) -
                              "stored in the safetensors metadata)")
     parser.add_argument("--tokenizer", type=Path, metavar="tokenizer.json",
                         help="HF tokenizer.json (default: tokenizer.json beside the weights, if any)")
+    add_strict_config_option(parser)
+
+
+def add_strict_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strict-config", action="store_true",
+                        help="refuse config keys d2m_ref does not know (default: accept them with a warning, "
+                             "and record them in traces and reports)")
+
+
+def warn_unverified(model: Model) -> None:
+    """The one warning line for config keys accepted without being verified (spec/config.md)."""
+    keys = model.config.unverified_keys
+    if keys:
+        warn(f"config key(s) {', '.join(map(repr, keys))} not verified: d2m_ref does not know whether they "
+             "change the forward pass (recorded in traces and check reports; --strict-config refuses them)")
 
 
 def add_input_options(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -114,9 +129,11 @@ def check_input_files(args: argparse.Namespace) -> None:
 
 
 def load_model_checked(args: argparse.Namespace) -> Model:
-    """The model of --weights/--config, after check_input_files."""
+    """The model of --weights/--config, after check_input_files; warns of unverified config keys."""
     check_input_files(args)
-    return load_model(args.weights, args.config)
+    model = load_model(args.weights, args.config, strict_config=args.strict_config)
+    warn_unverified(model)
+    return model
 
 
 def load_tokenizer_for(args: argparse.Namespace, *, decode_output: bool) -> Tokenizer | None:

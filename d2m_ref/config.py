@@ -12,23 +12,69 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
 
-FAMILIES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "dense2moe")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "dense2moe")
 DENSE2MOE_BASES = ("llama", "qwen2", "qwen3")
 SCORING = ("softmax", "sigmoid")
 ROPE_TYPES = ("default", "linear", "llama3")
+SILU_NAMES = ("silu", "swish")  # transformers' ACT2FN maps both to SiLU
 
-# Keys that never change the forward pass (bookkeeping, training-only, generation defaults).
-# Anything not listed here and not read by the family's parser is an unknown key: an error.
+
+class Derived:
+    """A default computed from other keys, as transformers' config class computes it."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+SAME_AS_HEADS = Derived("num_attention_heads")
+HIDDEN_PER_HEAD = Derived("hidden_size / num_attention_heads")
+
+# The value of an absent key, per family: what transformers' config class for that family (5.24)
+# uses, so a published config that leaves a key out means the same model here as there (spec/config.md,
+# "Defaults per family"; tests/test_published_configs.py compares this table with those classes).
+# Structural sizes (vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+# num_attention_heads) have no default here: a config without them is not a checkpoint's config,
+# and transformers' 7B-sized fallbacks would only fail later, at the weights.
+_ALL_FAMILIES = dict(rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu",
+                     mlp_bias=False, head_dim=HIDDEN_PER_HEAD)
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {**_ALL_FAMILIES, "num_key_value_heads": SAME_AS_HEADS, "max_position_embeddings": 2048,
+              "attention_bias": False},
+    "mistral": {**_ALL_FAMILIES, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                "sliding_window": 4096},
+    "qwen2": {**_ALL_FAMILIES, "num_key_value_heads": 32, "max_position_embeddings": 32768},
+    "qwen3": {**_ALL_FAMILIES, "num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768,
+              "attention_bias": False},
+    "qwen2_moe": {**_ALL_FAMILIES, "num_key_value_heads": 16, "max_position_embeddings": 32768, "qkv_bias": True,
+                  "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+                  "shared_expert_intermediate_size": 5632, "norm_topk_prob": False, "decoder_sparse_step": 1,
+                  "mlp_only_layers": []},
+    "qwen3_moe": {**_ALL_FAMILIES, "num_key_value_heads": 4, "max_position_embeddings": 32768,
+                  "attention_bias": False, "num_experts": 128, "num_experts_per_tok": 8,
+                  "moe_intermediate_size": 768, "norm_topk_prob": False, "decoder_sparse_step": 1,
+                  "mlp_only_layers": []},
+    "mixtral": {**_ALL_FAMILIES, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "num_key_value_heads": 8,
+                "max_position_embeddings": 131072, "num_local_experts": 8, "num_experts_per_tok": 2},
+    "olmoe": {**_ALL_FAMILIES, "rms_norm_eps": 1e-5, "num_key_value_heads": SAME_AS_HEADS,
+              "max_position_embeddings": 4096, "attention_bias": False, "clip_qkv": None, "num_experts": 64,
+              "num_experts_per_tok": 8, "norm_topk_prob": False},
+}
+
+# Keys known never to change the forward pass (bookkeeping, training-only, generation defaults):
+# accepted silently.  See spec/config.md, "Key policy".
 _INERT_KEYS = frozenset({
-    "_name_or_path", "architectures", "attention_dropout", "bos_token_id", "chunk_size_feed_forward",
-    "dtype", "torch_dtype", "eos_token_id", "pad_token_id", "id2label", "label2id", "initializer_range",
-    "is_encoder_decoder", "output_attentions", "output_hidden_states", "output_router_logits",
-    "problem_type", "return_dict", "transformers_version", "use_cache", "router_aux_loss_coef",
-    "router_jitter_noise", "pretraining_tp", "max_window_layers",
+    "_name_or_path", "_model_name_or_path", "architectures", "attention_dropout", "bos_token_id",
+    "chunk_size_feed_forward", "dtype", "torch_dtype", "eos_token_id", "pad_token_id", "unk_token_id",
+    "id2label", "label2id", "initializer_range", "is_encoder_decoder", "output_attentions",
+    "output_hidden_states", "output_router_logits", "problem_type", "return_dict", "transformers_version",
+    "use_cache", "router_aux_loss_coef", "router_jitter_noise", "pretraining_tp", "max_window_layers",
     "tokenizer_class", "auto_map", "model_name", "router_z_loss_coef",
     "use_return_dict", "tie_encoder_decoder", "torchscript", "prefix", "task_specific_params",
     "finetuning_task", "add_cross_attention", "cross_attention_hidden_size", "decoder_start_token_id",
@@ -39,7 +85,45 @@ _INERT_KEYS = frozenset({
     "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k",
     "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
     "encoder_no_repeat_ngram_size", "is_decoder",
+    # written by other tools beside transformers: SmolLM2's nanotron export, transformers.js
+    "is_llama_config", "transformers.js_config", "_attn_implementation_autoset", "attn_implementation",
 })
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A key that changes the forward pass in a way d2m_ref does not implement, unless `neutral`."""
+
+    changes: str  # what the key does, for the error message
+    neutral: Callable[[Any], bool]
+
+
+def _is(*values: Any) -> Callable[[Any], bool]:
+    """Neutral when equal (same type: true is not 1) to one of `values`."""
+    return lambda v: any(type(v) is type(n) and v == n for n in values)
+
+
+# Keys whose non-neutral values d2m_ref refuses by name (sliding windows, hidden_act and rope types
+# are refused where they are read: their neutral values depend on other keys).
+_REFUSED: dict[str, Refused] = {
+    "mlp_bias": Refused("adds biases to the MLP projections", _is(False)),
+    "quantization_config": Refused("says the weights were quantised by another tool (GPTQ, AWQ, bitsandbytes, "
+                                   "FP8, ...): d2m_ref reads float weights or its own Q8/Q4G formats "
+                                   "(spec/quant.md); dequantise the checkpoint first", lambda v: False),
+    "final_logit_softcapping": Refused("soft-caps the logits (c·tanh(z/c))", _is(None)),
+    "attn_logit_softcapping": Refused("soft-caps the attention scores (c·tanh(s/c))", _is(None)),
+    "rope_interleaved": Refused("rotates interleaved pairs (GPT-J layout) instead of halves", _is(False)),
+    "use_mrope": Refused("uses multimodal RoPE (position sections per axis)", _is(False)),
+    "partial_rotary_factor": Refused("rotates only part of each head", _is(1.0, 1)),
+    "use_qk_norm": Refused("RMS-normalises queries and keys", _is(False)),
+    "qk_layernorm": Refused("normalises queries and keys", _is(False)),
+    "logits_scaling": Refused("divides the logits by a constant", _is(1.0, 1)),
+    "embedding_multiplier": Refused("scales the embeddings", _is(1.0, 1)),
+    "residual_multiplier": Refused("scales each residual branch", _is(1.0, 1)),
+    "attention_multiplier": Refused("replaces the 1/sqrt(head_dim) attention scale", lambda v: False),
+    "no_rope_layers": Refused("skips RoPE in some layers", lambda v: isinstance(v, list) and all(x == 1 for x in v)),
+    "no_rope_layer_interval": Refused("skips RoPE in some layers", _is(None, 0)),
+}
 
 
 # Sanity limit: the largest released decoders have a few hundred layers; a config claiming more
@@ -108,6 +192,9 @@ class ModelConfig:
     clip_qkv: float | None = None  # OLMoE: clamp q, k, v projections to [-c, c]
     moe_naming: str = "qwen"  # 'qwen': mlp.gate / mlp.experts.{e}.gate_proj; 'mixtral': block_sparse_moe w1/w3/w2
     source: dict = field(default_factory=dict, compare=False, repr=False)  # the config dict as given
+    # Keys of `source` that d2m_ref neither reads nor knows (spec/config.md, "Key policy"): accepted,
+    # but a reader of a trace or a check report must see that they were not verified.
+    unverified_keys: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def num_hidden_layers(self) -> int:
@@ -121,10 +208,11 @@ class ModelConfig:
 class _Keys:
     """Reads keys from a config dict, remembering which were used, with errors that quote values."""
 
-    def __init__(self, d: Mapping[str, Any], where: str):
+    def __init__(self, d: Mapping[str, Any], where: str, defaults: Mapping[str, Any] | None = None):
         if not isinstance(d, Mapping):
             raise ConfigError(f"{where}: expected a JSON object, found {type(d).__name__}")
         self.d, self.where, self.used = d, where, set()
+        self.defaults = defaults or {}  # the family's defaults (FAMILY_DEFAULTS), used when no default is passed
 
     def has(self, key: str) -> bool:
         """Present and not null (a null value is read as 'absent', so the key counts as read)."""
@@ -133,6 +221,8 @@ class _Keys:
 
     def raw(self, key: str, default: Any = ...) -> Any:
         self.used.add(key)
+        if default is ...:
+            default = self.defaults.get(key, ...)
         if key not in self.d or self.d[key] is None:
             if default is ...:
                 raise ConfigError(f"{self.where}: missing required key '{key}'")
@@ -167,14 +257,19 @@ class _Keys:
             raise ConfigError(f"{self.where}: '{key}'={v!r} is not one of {', '.join(choices)}")
         return v
 
-    def int_list(self, key: str, default: Any = ()) -> tuple[int, ...]:
+    def int_list(self, key: str, default: Any = ...) -> tuple[int, ...]:
         v = self.raw(key, default)
         if not isinstance(v, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in v):
             raise ConfigError(f"{self.where}: '{key}' must be a list of integers, found {v!r}")
         return tuple(v)
 
-    def reject_unknown(self, allowed_extra: frozenset = frozenset()) -> None:
-        unknown = sorted(k for k in self.d if k not in self.used and k not in allowed_extra and self.d[k] is not None)
+    def unread(self) -> list[str]:
+        """Keys present (not null) that nothing has read, sorted."""
+        return sorted(k for k in self.d if k not in self.used and self.d[k] is not None)
+
+    def reject_unknown(self) -> None:
+        """For d2m_ref's own formats (a layer_plan entry, rope parameters): an unread key is an error."""
+        unknown = self.unread()
         if unknown:
             raise ConfigError(f"{self.where}: unknown config key(s) {', '.join(map(repr, unknown))}: "
                               "d2m_ref does not know what they change, so it refuses to guess "
@@ -182,7 +277,8 @@ class _Keys:
 
 
 def _rope(k: _Keys) -> RopeSpec:
-    """Both spellings: transformers 5 `rope_parameters`, older `rope_theta` + `rope_scaling`."""
+    """Both spellings: transformers 5 `rope_parameters`, older `rope_theta` + `rope_scaling`.
+    Sub-keys are d2m_ref's to know: one it does not read is an error (they all change the angles)."""
     params = k.raw("rope_parameters", None)
     scaling = k.raw("rope_scaling", None)
     if params is not None and not isinstance(params, Mapping):
@@ -200,7 +296,7 @@ def _rope(k: _Keys) -> RopeSpec:
                                   f"({merged[key]!r} and {value!r})")
             merged[key] = value
     r = _Keys(merged, f"{k.where}: rope parameters")
-    theta = r.float("rope_theta", 10000.0)
+    theta = r.float("rope_theta", k.defaults["rope_theta"])
     rope_type = r.raw("rope_type", "default")
     if rope_type not in ROPE_TYPES:
         raise ConfigError(f"{k.where}: rope_type={rope_type!r} is not supported "
@@ -227,43 +323,59 @@ def _rope(k: _Keys) -> RopeSpec:
     return spec
 
 
-def _check_unsupported(k: _Keys, max_positions: int) -> None:
-    """Refuse what d2m_ref does not implement rather than compute something else."""
-    act = k.raw("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"{k.where}: hidden_act={act!r} is not supported (SwiGLU with 'silu' only)")
-    if k.bool("mlp_bias", False):
-        raise ConfigError(f"{k.where}: mlp_bias=true is not supported")
-    use_sliding = k.bool("use_sliding_window", None) if k.has("use_sliding_window") else None
-    if use_sliding:
-        raise ConfigError(f"{k.where}: use_sliding_window=true is not supported (full causal attention only)")
-    window = k.raw("sliding_window", None)
-    # Qwen families ignore sliding_window unless use_sliding_window is true; others (Mixtral) apply it
-    # whenever it is set.  A window as long as the model allows changes nothing.
-    if window is not None and use_sliding is None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < max_positions:
-            raise ConfigError(f"{k.where}: sliding_window={window!r} is not supported (full causal attention "
-                              f"only; a window >= max_position_embeddings={max_positions} would be accepted)")
+def _check_unsupported(k: _Keys, family: str, max_positions: int) -> None:
+    """Refuse what d2m_ref does not implement rather than compute something else (spec/config.md,
+    "Key policy": refused keys)."""
+    act = k.raw("hidden_act")
+    if act not in SILU_NAMES:
+        raise ConfigError(f"{k.where}: hidden_act={act!r} changes the MLP's activation; d2m_ref implements "
+                          f"SwiGLU with {' / '.join(SILU_NAMES)} only")
+    for key, rule in _REFUSED.items():
+        k.used.add(key)
+        if key in k.d and not rule.neutral(k.d[key]):
+            value = k.d[key]
+            shown = f"{{quant_method: {value.get('quant_method')!r}, ...}}" if isinstance(value, Mapping) else repr(value)
+            raise ConfigError(f"{k.where}: {key}={shown} {rule.changes}; d2m_ref does not implement that")
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+        # transformers' Qwen classes apply sliding_window only when use_sliding_window is true
+        k.used.add("sliding_window")
+        if k.bool("use_sliding_window", False):
+            raise ConfigError(f"{k.where}: use_sliding_window=true limits attention to a sliding window; "
+                              "d2m_ref implements full causal attention only")
+    elif family in ("mistral", "mixtral"):
+        # applied whenever set; an explicit null means no window (transformers keeps it), absent means
+        # the family's default.  A window as long as the model allows changes nothing.
+        k.used.add("sliding_window")
+        window = k.d["sliding_window"] if "sliding_window" in k.d else k.defaults.get("sliding_window")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < max_positions):
+            absent = "" if "sliding_window" in k.d else f" (absent: {family}'s default)"
+            raise ConfigError(f"{k.where}: sliding_window={window!r}{absent} limits attention to a sliding window; "
+                              "d2m_ref implements full causal attention only (null, or a window >= "
+                              f"max_position_embeddings={max_positions}, would be accepted)")
     types = k.raw("layer_types", None)
     if types is not None:
         if not isinstance(types, list) or any(t != "full_attention" for t in types):
             bad = types if not isinstance(types, list) else sorted({t for t in types if t != "full_attention"}, key=str)
-            raise ConfigError(f"{k.where}: layer_types contains {bad!r}: only 'full_attention' is supported")
+            raise ConfigError(f"{k.where}: layer_types contains {bad!r}: d2m_ref implements 'full_attention' only")
 
 
 def _attention_flavour(family: str, k: _Keys) -> dict[str, Any]:
     """qkv/o bias and q/k norm of the attention block, by family (spec §3)."""
-    if family in ("llama", "mixtral"):
-        bias = k.bool("attention_bias", False)
+    if family == "llama":
+        bias = k.bool("attention_bias")
         return dict(qkv_bias=bias, o_bias=bias, qk_norm="none")
-    if family in ("qwen2", "qwen2_moe"):
-        return dict(qkv_bias=k.bool("qkv_bias", True), o_bias=False, qk_norm="none")
+    if family in ("mistral", "mixtral"):  # transformers builds these without biases, whatever the config says
+        return dict(qkv_bias=False, o_bias=False, qk_norm="none")
+    if family == "qwen2":  # q, k, v biases always (Qwen2Attention), no config key
+        return dict(qkv_bias=True, o_bias=False, qk_norm="none")
+    if family == "qwen2_moe":
+        return dict(qkv_bias=k.bool("qkv_bias"), o_bias=False, qk_norm="none")
     if family in ("qwen3", "qwen3_moe"):
-        bias = k.bool("attention_bias", False)
+        bias = k.bool("attention_bias")
         return dict(qkv_bias=bias, o_bias=bias, qk_norm="head")
     if family == "olmoe":
-        bias = k.bool("attention_bias", False)
-        clip = k.raw("clip_qkv", None)
+        bias = k.bool("attention_bias")
+        clip = k.raw("clip_qkv")
         return dict(qkv_bias=bias, o_bias=bias, qk_norm="proj",
                     clip_qkv=None if clip is None else k.float("clip_qkv"))
     raise AssertionError(family)  # unreachable: family was validated
@@ -271,7 +383,7 @@ def _attention_flavour(family: str, k: _Keys) -> dict[str, Any]:
 
 def _moe_defaults(family: str, k: _Keys) -> MoESpec | None:
     """The family's MoE block, or None for dense families."""
-    if family in ("llama", "qwen2", "qwen3", "dense2moe"):
+    if family in ("llama", "mistral", "qwen2", "qwen3", "dense2moe"):
         return None
     top_k = k.int("num_experts_per_tok")
     if family == "mixtral":
@@ -280,15 +392,15 @@ def _moe_defaults(family: str, k: _Keys) -> MoESpec | None:
     if family == "olmoe":
         return MoESpec(num_experts=k.int("num_experts"), top_k=top_k,
                        intermediate_size=k.int("intermediate_size"),
-                       norm_topk_prob=k.bool("norm_topk_prob", False))
+                       norm_topk_prob=k.bool("norm_topk_prob"))
     # qwen2_moe / qwen3_moe: released Qwen3-MoE configs say num_experts, transformers writes num_local_experts
     if k.has("num_experts") and k.has("num_local_experts") and k.raw("num_experts") != k.raw("num_local_experts"):
         raise ConfigError(f"{k.where}: num_experts={k.raw('num_experts')} contradicts "
                           f"num_local_experts={k.raw('num_local_experts')}")
-    experts = k.int("num_experts") if k.has("num_experts") else k.int("num_local_experts")
-    shared = k.int("shared_expert_intermediate_size", 0, minimum=0) if family == "qwen2_moe" else 0
+    experts = k.int("num_local_experts") if k.has("num_local_experts") else k.int("num_experts")
+    shared = k.int("shared_expert_intermediate_size", minimum=0) if family == "qwen2_moe" else 0
     return MoESpec(num_experts=experts, top_k=top_k, intermediate_size=k.int("moe_intermediate_size"),
-                   norm_topk_prob=k.bool("norm_topk_prob", False),
+                   norm_topk_prob=k.bool("norm_topk_prob"),
                    shared_expert_intermediate_size=shared, shared_expert_gate=shared > 0)
 
 
@@ -296,8 +408,8 @@ def _hf_layers(family: str, k: _Keys, moe: MoESpec | None, n_layers: int) -> tup
     """Layer plan of a standard HF family: every layer has attention; FFN by the family's rule."""
     width = k.int("intermediate_size")
     if family in ("qwen2_moe", "qwen3_moe"):
-        step = k.int("decoder_sparse_step", 1)
-        mlp_only = set(k.int_list("mlp_only_layers", ()))
+        step = k.int("decoder_sparse_step")
+        mlp_only = set(k.int_list("mlp_only_layers"))
         bad = sorted(i for i in mlp_only if not 0 <= i < n_layers)
         if bad:
             raise ConfigError(f"{k.where}: mlp_only_layers {bad} are outside 0..{n_layers - 1}")
@@ -357,22 +469,47 @@ def _plan_layer(i: int, entry: Any, top: _Keys, width: int) -> LayerSpec:
                      source_layers=sources, attention_source=attn_src)
 
 
-def parse_config(d: Mapping[str, Any], where: str = "config") -> ModelConfig:
-    """config dict (HF config.json) -> ModelConfig, or ConfigError naming the key at fault."""
+# Families d2m_ref does not implement, with what sets them apart, so the refusal says why.
+_OTHER_FAMILIES = {
+    "gemma": "GeGLU MLP, (1 + w) RMSNorm weights, embeddings scaled by sqrt(hidden_size)",
+    "gemma2": "logit soft-capping, sliding-window layers, extra norms around each block",
+    "gemma3": "sliding-window layers, q/k norms with (1 + w) weights, extra norms around each block",
+    "gemma3_text": "sliding-window layers, q/k norms with (1 + w) weights, extra norms around each block",
+    "phi": "LayerNorm, a parallel attention/MLP block, partial rotary embeddings",
+    "phi3": "fused qkv and gate_up projections, su/longrope scaling",
+    "deepseek_v2": "multi-head latent attention and grouped routing",
+    "deepseek_v3": "multi-head latent attention and grouped routing",
+    "gpt2": "LayerNorm, learned positions, GELU MLP",
+    "falcon": "parallel attention/MLP blocks, LayerNorm",
+    "qwen2_vl": "multimodal RoPE and a vision tower",
+    "qwen2_5_vl": "multimodal RoPE and a vision tower",
+}
+
+
+def parse_config(d: Mapping[str, Any], where: str = "config", *, strict: bool = False) -> ModelConfig:
+    """config dict (HF config.json) -> ModelConfig, or ConfigError naming the key at fault.
+
+    Keys nobody reads and that d2m_ref does not know (spec/config.md, "Key policy") are accepted and
+    listed in `ModelConfig.unverified_keys`; `strict=True` refuses them instead."""
     k = _Keys(d, where)
     family = k.raw("model_type")
     if family not in FAMILIES:
-        raise ConfigError(f"{where}: model_type={family!r} is not supported; d2m_ref knows {', '.join(FAMILIES)}")
+        why = f" ({_OTHER_FAMILIES[family]})" if isinstance(family, str) and family in _OTHER_FAMILIES else ""
+        raise ConfigError(f"{where}: model_type={family!r} is not supported{why}; d2m_ref implements "
+                          f"{', '.join(FAMILIES)}")
     attn_family = family
     if family == "dense2moe":
         attn_family = k.choice("base_model_type", DENSE2MOE_BASES)
-    _check_unsupported(k, k.int("max_position_embeddings"))
+    k.defaults = FAMILY_DEFAULTS[attn_family]  # a Dense2MoE model keeps its base family's defaults
+    _check_unsupported(k, attn_family, k.int("max_position_embeddings"))
     hidden = k.int("hidden_size")
     heads = k.int("num_attention_heads")
-    kv_heads = k.int("num_key_value_heads", heads)
+    kv_heads = k.int("num_key_value_heads", heads if k.defaults["num_key_value_heads"] is SAME_AS_HEADS else ...)
     if heads % kv_heads:
-        raise ConfigError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-    if k.has("head_dim"):
+        absent = "" if k.has("num_key_value_heads") else f" ({attn_family}'s default)"
+        raise ConfigError(f"{where}: num_attention_heads={heads} is not a multiple of "
+                          f"num_key_value_heads={kv_heads}{absent}")
+    if k.has("head_dim") or k.defaults["head_dim"] is not HIDDEN_PER_HEAD:
         head_dim = k.int("head_dim")
     else:
         if hidden % heads:
@@ -408,28 +545,36 @@ def parse_config(d: Mapping[str, Any], where: str = "config") -> ModelConfig:
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=k.float("rms_norm_eps", 1e-6),
+        rms_norm_eps=k.float("rms_norm_eps"),
         rope=_rope(k),
         max_position_embeddings=k.int("max_position_embeddings"),
-        tie_word_embeddings=k.bool("tie_word_embeddings", False),
+        tie_word_embeddings=k.bool("tie_word_embeddings"),
         layers=layers,
         moe_naming="mixtral" if family == "mixtral" else "qwen",
         source=dict(d),
         **_attention_flavour(attn_family, k),
     )
-    for key in ("qkv_bias", "attention_bias", "num_experts", "num_local_experts",
-                "shared_expert_intermediate_size", "norm_topk_prob", "moe_intermediate_size",
-                "decoder_sparse_step", "mlp_only_layers", "num_experts_per_tok"):
-        # Keys of a neighbouring family that a generic writer may leave behind with a neutral value.
-        if key in d and key not in k.used and _is_neutral(d[key]):
-            k.used.add(key)
-    k.reject_unknown(_INERT_KEYS)
-    return cfg
+    unverified = tuple(key for key in k.unread() if key not in _INERT_KEYS and not _neighbour_at_neutral(key, d[key]))
+    if unverified and strict:
+        raise ConfigError(f"{where}: unverified config key(s) {', '.join(map(repr, unverified))}: d2m_ref does not "
+                          "know whether they change the forward pass, and --strict-config refuses them "
+                          "(spec/config.md, 'Key policy')")
+    return replace(cfg, unverified_keys=unverified)
 
 
-def _is_neutral(v: Any) -> bool:
-    """null, false, [], or the integers 0 and 1 (not true, not 1.0: types are compared too)."""
-    return v is None or v is False or (isinstance(v, list) and not v) or (type(v) is int and v in (0, 1))
+# Keys of a neighbouring family that a generic writer may leave behind, with the values at which
+# they change nothing anywhere (types compared too: true is not 1, 1.0 is not 1).
+_COUNT = _is(None, 0, 1)
+_NEIGHBOUR_NEUTRAL: dict[str, Callable[[Any], bool]] = {
+    "qkv_bias": _is(None, False), "attention_bias": _is(None, False), "use_sliding_window": _is(None, False),
+    "norm_topk_prob": _is(None, False), "clip_qkv": _is(None), "mlp_only_layers": lambda v: v is None or v == [],
+    "num_experts": _COUNT, "num_local_experts": _COUNT, "num_experts_per_tok": _COUNT, "decoder_sparse_step": _COUNT,
+    "shared_expert_intermediate_size": _is(None, 0), "moe_intermediate_size": _is(None, 0),
+}
+
+
+def _neighbour_at_neutral(key: str, value: Any) -> bool:
+    return key in _NEIGHBOUR_NEUTRAL and _NEIGHBOUR_NEUTRAL[key](value)
 
 
 def _check_moe_defaults(k: _Keys) -> None:
@@ -442,14 +587,14 @@ def _check_moe_defaults(k: _Keys) -> None:
             check(key)
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    """Read and validate a config.json."""
+def load_config(path: str | Path, *, strict: bool = False) -> ModelConfig:
+    """Read and validate a config.json (`strict`: see parse_config)."""
     path = Path(path)
     try:
         text = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
-    return parse_config(parse_json(text, str(path)), where=str(path))
+    return parse_config(parse_json(text, str(path)), where=str(path), strict=strict)
 
 
 def parse_json(text: str | bytes, where: str) -> Any:

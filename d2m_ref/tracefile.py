@@ -5,7 +5,8 @@ safetensors file, its metadata, and the reader every consumer uses (check, golde
                   (input_ids, embeddings, attn_out.{i}, ffn_out.{i}, hidden.{i}, router_logits.{i},
                   router_scores.{i}, topk_ids.{i}, topk_weights.{i}, final_norm, logits)
     __metadata__  format = "d2m_ref.trace", trace_version, spec_version, dtype, command (the
-                  command line that made it), config (the config JSON), weights (the path)
+                  command line that made it), config (the config JSON), weights (the path),
+                  unverified_config_keys (JSON list: config keys accepted without being known)
 
 A trace is made by the very `forward` that `run` uses, with `capture={}`: there is no second copy
 of the model to drift.  The command line is d2m_ref/trace.py.
@@ -49,7 +50,8 @@ def trace_metadata(model: Model, weights: str | Path, dtype, command: str) -> di
     a path or command that are not UTF-8 are kept as \\xNN escapes)."""
     return {"format": TRACE_FORMAT, "trace_version": TRACE_VERSION, "spec_version": SPEC_VERSION,
             "dtype": np.dtype(dtype).name, "command": printable(command),
-            "config": json.dumps(model.config.source, separators=(",", ":")), "weights": printable(weights)}
+            "config": json.dumps(model.config.source, separators=(",", ":")), "weights": printable(weights),
+            "unverified_config_keys": json.dumps(list(model.config.unverified_keys))}
 
 
 def write_trace(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str],

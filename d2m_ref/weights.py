@@ -423,19 +423,20 @@ def weights_from_arrays(cfg: ModelConfig, arrays: dict[str, np.ndarray],
 METADATA_CONFIG_KEY = "config"  # safetensors __metadata__ key holding the config JSON (spec/format.md §1)
 
 
-def _find_config(ckpt: Checkpoint, weights_path: Path, config: str | Path | None) -> ModelConfig:
+def _find_config(ckpt: Checkpoint, weights_path: Path, config: str | Path | None, strict: bool) -> ModelConfig:
     """--config wins; else the config JSON in the file's metadata and/or config.json beside it
     (both present and different is an error: we will not pick one silently)."""
     if config is not None:
-        return load_config(config)
+        return load_config(config, strict=strict)
     found: list[tuple[str, ModelConfig]] = []
     text = ckpt.metadata.get(METADATA_CONFIG_KEY)
     if text is not None:
         where = f"{weights_path} __metadata__['{METADATA_CONFIG_KEY}']"
-        found.append((f"{weights_path} __metadata__", parse_config(parse_json(text, where), where=where)))
+        found.append((f"{weights_path} __metadata__",
+                      parse_config(parse_json(text, where), where=where, strict=strict)))
     folder = weights_path if weights_path.is_dir() else weights_path.parent
     if (folder / "config.json").is_file():
-        found.append((str(folder / "config.json"), load_config(folder / "config.json")))
+        found.append((str(folder / "config.json"), load_config(folder / "config.json", strict=strict)))
     if not found:
         raise ConfigError(f"{weights_path}: no config: give --config, put config.json beside the weights, "
                           f"or store it in the safetensors __metadata__ under '{METADATA_CONFIG_KEY}'")
@@ -445,13 +446,14 @@ def _find_config(ckpt: Checkpoint, weights_path: Path, config: str | Path | None
     return found[0][1]
 
 
-def load_model(weights: str | Path, config: str | Path | None = None) -> Model:
-    """Open a checkpoint (file, index json or directory) and bind its tensors to the config."""
+def load_model(weights: str | Path, config: str | Path | None = None, *, strict_config: bool = False) -> Model:
+    """Open a checkpoint (file, index json or directory) and bind its tensors to the config.
+    `strict_config`: refuse config keys d2m_ref does not know (spec/config.md, "Key policy")."""
     path = Path(weights)
     ckpt = Checkpoint.open(path)
     try:
         quant.check_metadata(ckpt.metadata, str(path))
-        cfg = _find_config(ckpt, path, config)
+        cfg = _find_config(ckpt, path, config, strict_config)
         w = bind_weights(cfg, ckpt.names(), ckpt.dtype, ckpt.shape, ckpt.raw, str(path))
     except BaseException:
         ckpt.close()

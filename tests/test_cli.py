@@ -21,7 +21,7 @@ from d2m_ref.safetensors_io import save
 from d2m_ref.errors import TraceError
 from d2m_ref.tracefile import TRACE_FORMAT, read_trace
 from d2m_ref.kernels import c_kernels_available, kernels_for
-from d2m_ref import run, trace
+from d2m_ref import check, run, trace
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -187,8 +187,10 @@ def broken(tmp_path_factory, demo) -> dict[str, Path]:
     (d / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     config = json.loads((demo / "config.json").read_text())
     (d / "unknown_key.json").write_text(json.dumps({**config, "frobnicate": 1}))
+    (d / "softcap.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
     (d / "bad_tokenizer.json").write_text("{\"model\": 3}")
     return {"truncated": d / "truncated.safetensors", "unknown_key": d / "unknown_key.json",
+            "softcap": d / "softcap.json",
             "bad_tokenizer": d / "bad_tokenizer.json", "missing": d / "nope.safetensors"}
 
 
@@ -197,7 +199,10 @@ BAD_INPUT = [
     ("too long", ["--tokens", ",".join(["7"] * 513)], "max_position_embeddings=512"),
     ("missing weights", ["--weights", "{missing}", "--tokens", "1"], "nope.safetensors"),
     ("truncated weights", ["--weights", "{truncated}", "--tokens", "1"], "truncated.safetensors: truncated"),
-    ("unknown config key", ["--config", "{unknown_key}", "--tokens", "1"], "unknown config key(s) 'frobnicate'"),
+    ("unknown config key, strict", ["--config", "{unknown_key}", "--tokens", "1", "--strict-config"],
+     "unverified config key(s) 'frobnicate'"),
+    ("config key that changes the math", ["--config", "{softcap}", "--tokens", "1"],
+     "final_logit_softcapping=30.0 soft-caps the logits"),
     ("bad --tokens", ["--tokens", "1,x"], "item 1 'x'"),
     ("prompt without tokenizer", ["--prompt", "hi"], "--prompt needs a tokenizer"),
     ("invalid tokenizer", ["--tokenizer", "{bad_tokenizer}", "--prompt", "hi"], "bad_tokenizer.json: not a valid"),
@@ -235,6 +240,33 @@ def test_run_demo_refuses_config_without_weights(capsys):
     assert status == 2 and "--config x.json given without --weights" in err
 
 
+def test_unknown_config_key_is_accepted_with_one_warning_and_recorded(bare, broken, tmp_path, capsys):
+    """An unknown key: one warning line naming it, the run goes on, and the trace's metadata and
+    check's JSON report list it; --strict-config (above) refuses it."""
+    status, out, err = call(run.main, ["--weights", str(bare), "--config", str(broken["unknown_key"]),
+                                       "--tokens", "1,2", "--max-new-tokens", "1"], capsys)
+    assert status == 0 and "continuation ids" in out
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "'frobnicate'" in warnings[0] and "--strict-config" in warnings[0]
+    out_file = tmp_path / "t.safetensors"
+    status, _, err = call(trace.main, ["--weights", str(bare), "--config", str(broken["unknown_key"]),
+                                       "--tokens", "1,2", "--out", str(out_file), "--quiet"], capsys)
+    assert status == 0 and "'frobnicate'" in err
+    from d2m_ref.tracefile import read_trace
+    _, metadata = read_trace(out_file)
+    assert json.loads(metadata["unverified_config_keys"]) == ["frobnicate"]
+    report = tmp_path / "report.json"
+    status, out, err = call(check.main, ["--weights", str(bare), "--config", str(broken["unknown_key"]),
+                                         "--candidate", str(out_file), "--candidate-dtype", "float64",
+                                         "--json", str(report)], capsys)
+    assert status == 0 and "'frobnicate'" in err and "frobnicate" in out
+    assert json.loads(report.read_text())["unverified_config_keys"] == ["frobnicate"]
+    status, _, err = call(check.main, ["--weights", str(bare), "--config", str(broken["unknown_key"]),
+                                       "--candidate", str(out_file), "--candidate-dtype", "float64",
+                                       "--strict-config"], capsys)
+    assert status == 2 and "unverified config key(s) 'frobnicate'" in err
+
+
 def test_run_needs_a_prompt_for_a_real_model(bare, capsys):
     status, _, err = call(run.main, ["--weights", str(bare)], capsys)
     assert status == 2 and "give --prompt TEXT or --tokens" in err
@@ -242,7 +274,8 @@ def test_run_needs_a_prompt_for_a_real_model(bare, capsys):
 
 @pytest.mark.parametrize("module, argv, culprit", [
     ("d2m_ref.run", ["--tokens", "1,999"], "token id 999"),
-    ("d2m_ref.trace", ["--tokens", "1", "--out", "t.safetensors", "--config", "{unknown_key}"], "'frobnicate'"),
+    ("d2m_ref.trace", ["--tokens", "1", "--out", "t.safetensors", "--config", "{unknown_key}", "--strict-config"],
+     "'frobnicate'"),
 ])
 def test_bad_input_in_a_subprocess(module, argv, culprit, bare, broken, tmp_path):
     """The real process: status 2, one error line naming the culprit, no traceback."""

@@ -195,7 +195,10 @@ def test_token_id_out_of_range_and_too_long():
     ({"hidden_size": -8}, "'hidden_size'=-8 must be >= 1"),
     ({"rms_norm_eps": "small"}, "'rms_norm_eps' must be a finite number"),
     ({"num_hidden_layers": 5}, "num_hidden_layers=5 but layer_plan has 3 entries"),
-    ({"frobnicate": 1}, "unknown config key.*'frobnicate'"),
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 soft-caps the logits"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantization_config=.*'gptq'.*another tool"),
+    ({"rope_interleaved": True}, "rope_interleaved=True rotates interleaved pairs"),
+    ({"mlp_bias": True}, "mlp_bias=True adds biases to the MLP"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_type='yarn' is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"base_model_type": "gpt2"}, "'base_model_type'='gpt2' is not one of"),
@@ -228,11 +231,21 @@ def test_moe_family_defects():
                                           moe_intermediate_size=16))
     with pytest.raises(ConfigError, match="num_experts_per_tok=9 exceeds num_experts=8"):
         d2m_ref.parse_config(dense_config("olmoe", num_experts=8, num_experts_per_tok=9))
-    with pytest.raises(ConfigError, match="missing required key 'num_experts_per_tok'"):
-        d2m_ref.parse_config(dense_config("mixtral", num_local_experts=4))
     with pytest.raises(ConfigError, match=r"mlp_only_layers \[7\] are outside 0..2"):
         d2m_ref.parse_config(dense_config("qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                                           mlp_only_layers=[7]))
+
+
+def test_unknown_keys_are_recorded_and_strict_refuses_them():
+    """A key d2m_ref neither reads nor knows is accepted and listed; strict=True refuses it by name.
+    Bookkeeping keys and a neighbour family's key at a neutral value are neither."""
+    cfg = d2m_ref.parse_config({**CFG, "frobnicate": 1, "zeta": [2], "_model_name_or_path": "x",
+                                "unk_token_id": 0, "use_sliding_window": False, "clip_qkv": None})
+    assert cfg.unverified_keys == ("frobnicate", "zeta")
+    assert d2m_ref.parse_config(CFG).unverified_keys == ()
+    with pytest.raises(ConfigError, match="unverified config key.*'frobnicate', 'zeta'.*--strict-config"):
+        d2m_ref.parse_config({**CFG, "frobnicate": 1, "zeta": [2]}, strict=True)
+    d2m_ref.parse_config({**CFG, "_model_name_or_path": "x"}, strict=True)
 
 
 def test_config_schema_accepts_what_the_parser_accepts():
@@ -266,10 +279,11 @@ def test_configs_as_transformers_writes_them_by_default(family, tmp_path):
 
 @pytest.mark.parametrize("change, match", [
     ({"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16},
-     "sliding_window=16 is not supported"),
+     "sliding_window=16 limits attention to a sliding window"),
     ({"model_type": "qwen2", "layer_types": ["full_attention", "sliding_attention", "full_attention"]},
      "layer_types contains \\['sliding_attention'\\]"),
-    ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window=true is not supported"),
+    ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window=true limits attention"),
+    ({"model_type": "mistral", "max_position_embeddings": 8192}, r"sliding_window=4096 \(absent: mistral's default\) limits attention"),
     ({"model_type": "llama", "num_hidden_layers": 10**9}, "num_hidden_layers=1000000000 is more than 10000"),
     ({"model_type": "llama", "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "factor": 8.0}},
      "rope factor=8.0 with rope_type 'default'"),
@@ -277,12 +291,19 @@ def test_configs_as_transformers_writes_them_by_default(family, tmp_path):
      "rope parameter 'rope_type' is given twice with different values"),
     ({"model_type": "llama", "rope_theta": 5e5, "rope_parameters": {"rope_theta": 1e4}},
      "rope parameter 'rope_theta' is given twice"),
-    ({"model_type": "llama", "qkv_bias": True}, "unknown config key.*'qkv_bias'"),
-    ({"model_type": "qwen3", "clip_qkv": 1}, "unknown config key.*'clip_qkv'"),
 ])
 def test_unsupported_or_contradictory_configs_are_refused(change, match):
     with pytest.raises(ConfigError, match=match):
         d2m_ref.parse_config({**dense_config(), **change})
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"model_type": "llama", "qkv_bias": True}, "qkv_bias"),  # transformers' Llama ignores it
+    ({"model_type": "qwen3", "clip_qkv": 1}, "clip_qkv"),  # an OLMoE key, not at its neutral value
+    ({"model_type": "mixtral", "attention_bias": True}, "attention_bias"),  # Mixtral has no biases
+])
+def test_neighbour_keys_off_their_neutral_value_are_unverified(change, key):
+    assert d2m_ref.parse_config({**dense_config(), **change}).unverified_keys == (key,)
 
 
 def test_configs_that_change_nothing_are_accepted():

@@ -12,7 +12,7 @@ Stock transformers 5.24, asked for `dtype=torch.float64`, still computes four th
   4. router     `<Family>TopKRouter.forward`: `softmax(router_logits, dtype=torch.float)`
                 (Mixtral: `softmax(router_logits.float())`).
 
-`float64_transformers()` replaces exactly those callables, for the seven families, by the same
+`float64_transformers()` replaces exactly those callables, for the eight families, by the same
 formulas with float64 arithmetic (it also covers `DeepseekV3TopkRouter`, whose router casts to
 float32, because the Dense2MoE peer borrows it), and puts the originals back on exit.  Before
 patching it checks that each original still contains the float32 cast it is meant to replace, so
@@ -40,6 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 # family (transformers model_type) -> class-name prefix in modeling_<family>.py
 _PREFIX = {
     "llama": "Llama",
+    "mistral": "Mistral",
     "qwen2": "Qwen2",
     "qwen3": "Qwen3",
     "qwen2_moe": "Qwen2Moe",
@@ -97,6 +98,11 @@ FAMILIES: list[HFCase] = [
         num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=64,
         num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True,
         mlp_only_layers=[1], tie_word_embeddings=False)),
+    # Mistral without a sliding window is Llama's math under another name (and no biases)
+    HFCase("mistral_nowindow_gqa4", dict(
+        model_type="mistral", vocab_size=89, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64, sliding_window=None,
+        rope_parameters=dict(rope_type="default", rope_theta=1_000_000.0), tie_word_embeddings=False)),
     HFCase("mixtral_gqa4", dict(
         model_type="mixtral", vocab_size=97, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=2, head_dim=12, max_position_embeddings=64,
@@ -290,7 +296,7 @@ def _repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def _eager_attention_forward_float64(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """`eager_attention_forward` (identical in the seven modeling files) with a float64 softmax."""
+    """`eager_attention_forward` (identical in the eight modeling files) with a float64 softmax."""
     key_states = _repeat_kv(key, module.num_key_value_groups)
     value_states = _repeat_kv(value, module.num_key_value_groups)
     attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
@@ -406,7 +412,7 @@ def patch_targets() -> list[tuple[Any, str, Any]]:
 
 @contextlib.contextmanager
 def float64_transformers() -> Iterator[None]:
-    """Inside: the seven families' RMSNorm, RoPE, eager attention softmax and router softmax run in
+    """Inside: the eight families' RMSNorm, RoPE, eager attention softmax and router softmax run in
     float64 (transformers' formulas).  Applies to models already built.  Restores on exit."""
     with contextlib.ExitStack() as stack:
         for owner, attribute, replacement in patch_targets():
