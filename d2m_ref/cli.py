@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import D2MError, InputError
+from .gguf_io import GGUFFile, gguf_tokenizer
 from .kernels import KERNEL_NAMES, c_kernels_available, kernels_for
 from .tokenizer import Tokenizer, load_tokenizer, parse_token_ids, tokenizer_beside
 from .weights import Model, load_model
@@ -56,7 +57,8 @@ def warn(message: str) -> None:
 
 def add_model_options(parser: argparse.ArgumentParser, weights_required: bool) -> None:
     parser.add_argument("--weights", type=Path, required=weights_required, metavar="PATH",
-                        help="model.safetensors, a model.safetensors.index.json, or a directory holding one")
+                        help="model.safetensors, a model.safetensors.index.json, a directory holding one, "
+                             "or a GGUF file")
     parser.add_argument("--config", type=Path, metavar="config.json",
                         help="the model's config (default: config.json beside the weights, or the one "
                              "stored in the safetensors metadata)")
@@ -136,14 +138,25 @@ def load_model_checked(args: argparse.Namespace) -> Model:
     return model
 
 
-def load_tokenizer_for(args: argparse.Namespace, *, decode_output: bool) -> Tokenizer | None:
+def load_tokenizer_for(args: argparse.Namespace, model: Model, *, decode_output: bool) -> Tokenizer | None:
     """The tokenizer, loaded only when something needs it.
 
-    --tokenizer given: always loaded, a bad file is an error.  Else the tokenizer.json beside the
-    weights, if any: loaded for --prompt (a bad file is an error) or, when `decode_output`, to show
-    the output as text (a bad file is one warning line: the output is shown as ids)."""
+    --tokenizer given: always loaded, a bad file is an error.  Else a GGUF model's own vocabulary,
+    or the tokenizer.json beside the weights, if any: loaded for --prompt (a bad file is an error)
+    or, when `decode_output`, to show the output as text (a bad file is one warning line: the output
+    is shown as ids)."""
     if args.tokenizer is not None:
         return load_tokenizer(args.tokenizer)
+    if isinstance(model.checkpoint, GGUFFile):
+        if args.prompt is not None:
+            return gguf_tokenizer(model.checkpoint)
+        if not decode_output:
+            return None
+        try:
+            return gguf_tokenizer(model.checkpoint)
+        except InputError as exc:
+            warn(f"{exc}; showing token ids only")
+            return None
     path = tokenizer_beside(args.weights)
     if path is None or (args.prompt is None and not decode_output):
         return None

@@ -71,7 +71,7 @@ def run_model(args: argparse.Namespace, demo: bool = False) -> int:
     model = cli.load_model_checked(args)
     try:
         cfg = model.config
-        tokenizer = cli.load_tokenizer_for(args, decode_output=True)
+        tokenizer = cli.load_tokenizer_for(args, model, decode_output=True)
         ids = check_input_ids(cli.input_ids(args, model, tokenizer), cfg, 0)
         eos = eos_ids(cfg)
         kernels, kernels_text = cli.kernels_of(args)

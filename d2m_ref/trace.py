@@ -47,7 +47,7 @@ def trace_command(args: argparse.Namespace, argv: list[str]) -> int:
     model = cli.load_model_checked(args)
     try:
         refuse_own_input(args, model)
-        ids = cli.input_ids(args, model, cli.load_tokenizer_for(args, decode_output=False))
+        ids = cli.input_ids(args, model, cli.load_tokenizer_for(args, model, decode_output=False))
         dtype = cli.DTYPES[args.dtype]
         kernels, kernels_text = cli.kernels_of(args)
         progress = terminal_progress(args.quiet)

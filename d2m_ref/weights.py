@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import quant
+from . import gguf_io, quant
 from .config import LayerSpec, ModelConfig, MoESpec, load_config, parse_config, parse_json
 from .errors import ConfigError, WeightsError
 from .safetensors_io import DTYPES, Checkpoint, to_float
@@ -42,6 +42,9 @@ class Param:
     shape: tuple[int, ...]
     _raw: Callable[[], np.ndarray]
     _scales: Callable[[], np.ndarray] | None = None  # quantised storage only
+    # GGUF block types (storage GGUF_Q4_K, ...; spec/format.md §3): raw rows -> float32 rows, the
+    # gguf package's dequantiser.  raw() is then [rows, bytes per row] uint8.
+    _decode: Callable[[np.ndarray], np.ndarray] | None = None
     # vectors only (norm weights, biases; a few KB each): dtype -> the converted copy, read-only
     _vectors: dict = field(default_factory=dict, repr=False)
 
@@ -67,22 +70,38 @@ class Param:
     def _convert(self, dtype: np.dtype) -> np.ndarray:
         if self._scales is not None:
             return quant.dequantize(self.storage, self._raw(), self._scales(), self.shape[-1], dtype)
+        if self._decode is not None:
+            return to_float(self._decoded(self._raw()), "F32", dtype)
         return to_float(self._raw(), self.storage, dtype)
 
     def rows(self, lo: int, hi: int, dtype: np.dtype) -> np.ndarray:
         if self._scales is not None:
             return quant.dequantize(self.storage, self._raw()[lo:hi], self._scales()[lo:hi], self.shape[-1], dtype)
+        if self._decode is not None:
+            return to_float(self._decoded(self._raw()[lo:hi]), "F32", dtype)
         return to_float(self._raw()[lo:hi], self.storage, dtype)
 
     def take(self, ids: np.ndarray, dtype: np.dtype) -> np.ndarray:
         if self._scales is not None:
             return quant.dequantize(self.storage, self._raw()[ids], self._scales()[ids], self.shape[-1], dtype)
+        if self._decode is not None:
+            return to_float(self._decoded(self._raw()[ids]), "F32", dtype)
         return to_float(self._raw()[ids], self.storage, dtype)
+
+    def _decoded(self, rows: np.ndarray) -> np.ndarray:
+        """GGUF block rows [..., bytes] -> float32 [..., cols], checked (a dequantiser is not ours)."""
+        out = np.asarray(self._decode(rows), dtype=np.float32)
+        if out.shape != (*rows.shape[:-1], self.shape[-1]):
+            raise WeightsError(f"{self.name}: {self.storage} rows decode to shape {list(out.shape)}, expected "
+                               f"{[*rows.shape[:-1], self.shape[-1]]}")
+        return out
 
     @property
     def nbytes(self) -> int:
         if self._scales is not None:
             return quant.storage_nbytes(self.storage, self.shape)
+        if self._decode is not None:
+            return int(self._raw().nbytes)
         return int(np.prod(self.shape)) * (8 if self.storage == "F64" else 4 if self.storage == "F32" else 2)
 
     @staticmethod
@@ -168,7 +187,7 @@ class Model:
 
     config: ModelConfig
     weights: ModelWeights
-    checkpoint: Checkpoint | None = None
+    checkpoint: Checkpoint | gguf_io.GGUFFile | None = None
 
     def close(self) -> None:
         if self.checkpoint is not None:
@@ -184,14 +203,15 @@ class _Binder:
     and remembers what was taken so leftovers can be reported."""
 
     def __init__(self, names: list[str], storage: Callable[[str], str], shape: Callable[[str], tuple],
-                 raw: Callable[[str], np.ndarray], where: str):
+                 raw: Callable[[str], np.ndarray], where: str,
+                 decode: Callable[[str], Callable | None] = lambda name: None):
         self.available = set(names)
-        self.storage, self.shape, self.raw_of, self.where = storage, shape, raw, where
+        self.storage, self.shape, self.raw_of, self.where, self.decode = storage, shape, raw, where, decode
         self.taken: set[str] = set()
 
     def _check(self, name: str, expected: tuple[int, ...]) -> str:
         dt = self.storage(name)
-        if dt not in FLOAT_STORAGE:
+        if dt not in FLOAT_STORAGE and self.decode(name) is None:
             raise WeightsError(f"{self.where}: tensor '{name}' has dtype {dt}; expected one of "
                                f"{', '.join(FLOAT_STORAGE)}")
         found = tuple(self.shape(name))
@@ -219,7 +239,7 @@ class _Binder:
         dt = self._check(name, shape)
         self.taken.add(name)
         raw = self.raw_of
-        return Param(name, dt, tuple(shape), lambda: raw(name))
+        return Param(name, dt, tuple(shape), lambda: raw(name), _decode=self.decode(name))
 
     def _quantized(self, candidates: tuple[str, ...], shape: tuple[int, ...]) -> Param | None:
         """A weight stored quantised (spec/quant.md §4): 'X.weight.q8' + 'X.weight.q8.scale', or
@@ -356,9 +376,11 @@ def _layer(b: _Binder, cfg: ModelConfig, i: int, spec: LayerSpec) -> LayerWeight
 
 
 def bind_weights(cfg: ModelConfig, names: list[str], storage: Callable[[str], str],
-                 shape: Callable[[str], tuple], raw: Callable[[str], np.ndarray], where: str) -> ModelWeights:
-    """Bind every tensor the config calls for; missing, misshapen or extra tensors are errors."""
-    return _bind(_Binder(names, storage, shape, raw, where), cfg)
+                 shape: Callable[[str], tuple], raw: Callable[[str], np.ndarray], where: str,
+                 decode: Callable[[str], Callable | None] = lambda name: None) -> ModelWeights:
+    """Bind every tensor the config calls for; missing, misshapen or extra tensors are errors.
+    `decode(name)`: the decoder of a tensor in a GGUF block type, else None (Param._decode)."""
+    return _bind(_Binder(names, storage, shape, raw, where, decode), cfg)
 
 
 class _Recorder(_Binder):
@@ -447,9 +469,12 @@ def _find_config(ckpt: Checkpoint, weights_path: Path, config: str | Path | None
 
 
 def load_model(weights: str | Path, config: str | Path | None = None, *, strict_config: bool = False) -> Model:
-    """Open a checkpoint (file, index json or directory) and bind its tensors to the config.
-    `strict_config`: refuse config keys d2m_ref does not know (spec/config.md, "Key policy")."""
+    """Open a checkpoint (safetensors file, index json or directory, or a GGUF file) and bind its
+    tensors to the config.  `strict_config`: refuse config keys d2m_ref does not know
+    (spec/config.md, "Key policy")."""
     path = Path(weights)
+    if gguf_io.is_gguf(path):
+        return _load_gguf(path, config, strict_config)
     ckpt = Checkpoint.open(path)
     try:
         quant.check_metadata(ckpt.metadata, str(path))
@@ -459,6 +484,23 @@ def load_model(weights: str | Path, config: str | Path | None = None, *, strict_
         ckpt.close()
         raise
     return Model(cfg, w, ckpt)
+
+
+def _load_gguf(path: Path, config: str | Path | None, strict: bool) -> Model:
+    """A GGUF file (spec/format.md §3): the config from its metadata (or --config), the tensors
+    under Hugging Face names, decoded row block by row block when an op asks."""
+    f = gguf_io.GGUFFile(path)
+    try:
+        described = gguf_io.gguf_config(f)
+        where = f"{path} (GGUF metadata)"
+        cfg = load_config(config, strict=strict) if config is not None else parse_config(described, where, strict=strict)
+        tensors = gguf_io.hf_tensors(f, described)
+        w = bind_weights(cfg, list(tensors), lambda n: tensors[n].storage, lambda n: tensors[n].shape,
+                         lambda n: tensors[n].raw(), str(path), lambda n: tensors[n].decode)
+    except BaseException:
+        f.close()
+        raise
+    return Model(cfg, w, f)
 
 
 def map_params(w, fn: Callable[[Param], Param]):

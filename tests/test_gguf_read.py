@@ -1,0 +1,217 @@
+"""d2m_ref's GGUF reader (d2m_ref/gguf_io.py, spec/format.md §3) against the models the files were
+written from.  The files come from tests/peer/gguf_write.py, which follows llama.cpp's converter and
+is itself checked against transformers' GGUF import (tests/test_gguf_write.py): so what is shown
+here is that d2m_ref reads llama.cpp's names, metadata, q/k permutation, stacked experts and block
+types as the source model meant them.  Metric: max |a - b| / max |b| over [T, V] float64 logits;
+the source model runs in transformers made float64 (tests/peer/hf.py)."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+import d2m_ref
+from d2m_ref.errors import ConfigError, D2MError, WeightsError
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+from tests.peer import gguf_write as gw  # noqa: E402
+from tests.peer import hf  # noqa: E402
+from tests.test_gguf_write import CASES, FALLBACK_CASE, INPUT_IDS, QUANT_CASES, intended_model  # noqa: E402
+
+READABLE = [c for c in CASES if c.name != "llama_llama3rope_tied_gqa7"]  # llama3 rope: rope_freqs, refused
+
+
+def _relative(a, b) -> float:
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def _ours(path) -> np.ndarray:
+    model = d2m_ref.load_model(path)
+    try:
+        return d2m_ref.forward(model, INPUT_IDS)[0]
+    finally:
+        model.close()
+
+
+def _reference(model) -> np.ndarray:
+    """The source transformers model in float64, its float32 islands made float64."""
+    with hf.float64_transformers():
+        return hf.logits(model.to(torch.float64), INPUT_IDS)
+
+
+@pytest.mark.parametrize("hf_case", READABLE, ids=[c.name for c in READABLE])
+def test_f32_gguf_reads_as_the_source_model(hf_case, tmp_path):
+    """Every architecture (llama with its q/k permutation, tied or not, attention bias, linear
+    rope; qwen2 biases; qwen3 q/k norms and head_dim; qwen2moe shared expert and its gate; qwen3moe
+    renormalised top-k): float64 logits within 1e-9 of the source model's."""
+    model = hf.build(hf_case, torch.float32)  # float64 draws rounded to float32, as the file stores them
+    path = gw.write_gguf(model, tmp_path / "model.gguf")
+    error = _relative(_ours(path), _reference(model))
+    assert error <= 1e-9, f"{hf_case.name}: {error:.3e}"
+
+
+@pytest.mark.parametrize("qtype", [t for t in gw.TENSOR_TYPES if t != "F32"])
+@pytest.mark.parametrize("hf_case", QUANT_CASES, ids=[c.name for c in QUANT_CASES])
+def test_every_tensor_type_reads_as_its_dequantised_weights(hf_case, qtype, tmp_path):
+    """F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K: d2m_ref computes with exactly the values the
+    gguf package dequantises the blocks to (1e-9 against the source model holding those values)."""
+    model = hf.build(hf_case, torch.float32)
+    path = gw.write_gguf(model, tmp_path / "model.gguf", tensor_type=qtype)
+    error = _relative(_ours(path), _reference(intended_model(model, qtype)))
+    assert error <= 1e-9, f"{hf_case.name} {qtype}: {error:.3e}"
+
+
+def test_fallback_block_types_q5_0_and_q5_1(tmp_path):
+    """K-quant rows of 64 columns fall back to Q5_0 / Q5_1 (as llama-quantize does); read as such."""
+    from tests.test_gguf_write import dequantised
+    for qtype, fallback in (("Q4_K", "Q5_0"), ("Q5_K", "Q5_1")):
+        model = hf.build(FALLBACK_CASE, torch.float32)
+        path = gw.write_gguf(model, tmp_path / f"{qtype}.gguf", tensor_type=qtype)
+        assert gw.tensor_types(path)["blk.0.attn_q.weight"] == fallback
+        reference = model
+        with torch.no_grad():
+            for _, param in reference.named_parameters():
+                if param.ndim == 2:
+                    stored = fallback if param.shape[1] == 64 else "F16"
+                    param.copy_(torch.from_numpy(dequantised(param.detach().numpy(), stored)))
+        assert _relative(_ours(path), _reference(reference)) <= 1e-9
+
+
+def test_decode_one_row_block_at_a_time(tmp_path):
+    """A quantised Param decodes only the rows asked for (rows, take), and they equal the whole."""
+    model = hf.build(QUANT_CASES[0], torch.float32)
+    path = gw.write_gguf(model, tmp_path / "model.gguf", tensor_type="Q4_K")
+    m = d2m_ref.load_model(path)
+    try:
+        q = m.weights.layers[0].attention.q
+        assert q.storage == "GGUF_Q4_K"
+        whole = q.load(np.float64)
+        assert np.array_equal(q.rows(64, 128, np.float64), whole[64:128])
+        assert np.array_equal(q.take(np.array([255, 3, 3]), np.float64), whole[[255, 3, 3]])
+        assert q.nbytes == 256 * 256 * 144 // 256
+    finally:
+        m.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a named error (exit status 2 from the tools), never a traceback
+
+
+def _small(tmp_path, **kwargs):
+    return gw.write_gguf(hf.build(READABLE[0], torch.float32), tmp_path / "model.gguf", **kwargs)
+
+
+def _writer(path, arch: str):
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    return w
+
+
+def _finish(w) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_truncated_gguf_is_named(tmp_path):
+    path = _small(tmp_path)
+    data = path.read_bytes()
+    for cut in (10, len(data) // 3, len(data) - 7):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(WeightsError, match=rf"cut{cut}\.gguf: (truncated|not a readable GGUF)"):
+            d2m_ref.load_model(bad)
+
+
+def test_corrupt_gguf_is_named(tmp_path):
+    path = _small(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[8:16] = struct.pack("<Q", 1 << 60)  # tensor count: absurd
+    bad = tmp_path / "corrupt.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=r"corrupt\.gguf: (truncated|not a readable GGUF)"):
+        d2m_ref.load_model(bad)
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    w = _writer(tmp_path / "gemma.gguf", "gemma2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    _finish(w)
+    with pytest.raises(ConfigError, match="GGUF architecture 'gemma2' is not supported"):
+        d2m_ref.load_model(tmp_path / "gemma.gguf")
+
+
+def test_unsupported_tensor_type_is_named(tmp_path):
+    """A Q3_K tensor (a real llama.cpp type d2m_ref does not read): its name and type are named."""
+    path = _small(tmp_path)
+    reader = gguf.GGUFReader(path)
+    w = gguf.GGUFWriter(str(tmp_path / "q3k.gguf"), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value, kind = field.contents(), field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            w.add_array(field.name, value)
+        else:
+            w.add_key_value(field.name, value, kind)
+    for t in reader.tensors:
+        if t.name == "blk.0.ffn_up.weight":
+            rows = int(t.shape[1])
+            raw = np.zeros((rows, gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q3_K][1]), np.uint8)
+            w.add_tensor(t.name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.Q3_K)
+        else:
+            w.add_tensor(t.name, np.array(t.data))
+    _finish(w)
+    with pytest.raises(WeightsError, match=r"tensor 'blk\.0\.ffn_up\.weight' has GGUF type Q3_K; d2m_ref reads"):
+        d2m_ref.load_model(tmp_path / "q3k.gguf")
+
+
+def test_llama3_rope_factors_are_refused_by_name(tmp_path):
+    case = next(c for c in CASES if c.name == "llama_llama3rope_tied_gqa7")
+    path = gw.write_gguf(hf.build(case, torch.float32), tmp_path / "llama3.gguf")
+    with pytest.raises(ConfigError, match=r"rope_freqs\.weight"):
+        d2m_ref.load_model(path)
+
+
+@pytest.mark.parametrize("what", ["truncated", "architecture"])
+def test_the_tools_exit_2_naming_the_file(what, tmp_path, capsys):
+    from d2m_ref import check, import_gguf, run, trace
+    if what == "truncated":
+        path = _small(tmp_path)
+        path.write_bytes(path.read_bytes()[:500])
+        culprit = "model.gguf: "
+    else:
+        path = tmp_path / "gemma.gguf"
+        w = _writer(path, "gemma2")
+        _finish(w)
+        culprit = "GGUF architecture 'gemma2'"
+    candidate = tmp_path / "candidate.npz"
+    np.savez(candidate, input_ids=np.array([1, 2], np.int64), logits=np.zeros((2, 97)))
+    for main, argv in ((run.main, ["--weights", str(path), "--tokens", "1"]),
+                       (trace.main, ["--weights", str(path), "--tokens", "1", "--out", str(tmp_path / "t.st")]),
+                       (check.main, ["--weights", str(path), "--candidate", str(candidate), "--candidate-dtype", "float32"]),
+                       (import_gguf.main, [str(path), "--out", str(tmp_path / "out")])):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert culprit in err and "Traceback" not in err, err
+
+
+def test_missing_gguf_package_is_a_named_error(tmp_path, monkeypatch):
+    import importlib
+    path = _small(tmp_path)
+    real = importlib.import_module
+
+    def no_gguf(name, *args):
+        if name == "gguf":
+            raise ImportError("No module named 'gguf'")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", no_gguf)
+    with pytest.raises(D2MError, match=r'pip install "d2m_ref\[gguf\]"'):
+        d2m_ref.load_model(path)
