@@ -267,6 +267,44 @@ def test_unknown_config_key_is_accepted_with_one_warning_and_recorded(bare, brok
     assert status == 2 and "unverified config key(s) 'frobnicate'" in err
 
 
+# One non-neutral value for every key spec/config.md refuses, and the words the error must say.
+MATH_CHANGING = [
+    ({"hidden_act": "gelu"}, "hidden_act='gelu' changes the MLP's activation"),
+    ({"mlp_bias": True}, "mlp_bias=True adds biases to the MLP"),
+    ({"layer_types": ["sliding_attention"] * 6}, "layer_types contains ['sliding_attention']"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "beta_fast": 32}}, "'beta_fast'"),
+    ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "quantization_config={quant_method: 'awq'"),
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 soft-caps the logits"),
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0 soft-caps the attention scores"),
+    ({"rope_interleaved": True}, "rope_interleaved=True rotates interleaved pairs"),
+    ({"use_mrope": True}, "use_mrope=True uses multimodal RoPE"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 rotates only part of each head"),
+    ({"use_qk_norm": True}, "use_qk_norm=True RMS-normalises queries and keys"),
+    ({"qk_layernorm": True}, "qk_layernorm=True normalises queries and keys"),
+    ({"logits_scaling": 8.0}, "logits_scaling=8.0 divides the logits"),
+    ({"embedding_multiplier": 12.0}, "embedding_multiplier=12.0 scales the embeddings"),
+    ({"residual_multiplier": 0.22}, "residual_multiplier=0.22 scales each residual branch"),
+    ({"attention_multiplier": 0.015}, "attention_multiplier=0.015 replaces the 1/sqrt(head_dim)"),
+    ({"no_rope_layers": [1, 0, 1, 1, 1, 1]}, "no_rope_layers=[1, 0, 1, 1, 1, 1] skips RoPE"),
+    ({"no_rope_layer_interval": 4}, "no_rope_layer_interval=4 skips RoPE"),
+]
+
+
+@pytest.mark.parametrize("change, culprit", MATH_CHANGING, ids=[next(iter(c)) for c, _ in MATH_CHANGING])
+def test_config_keys_that_change_the_math_are_named(change, culprit, demo, tmp_path, capsys):
+    """Each key d2m_ref knows changes the forward pass in a way it does not implement: run and trace
+    exit 2 naming the key and what it changes (before anything is printed or written)."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**json.loads((demo / "config.json").read_text()), **change}))
+    weights = str(demo / "model.safetensors")
+    status, out, err = call(run.main, ["--weights", weights, "--config", str(config), "--tokens", "1"], capsys)
+    assert status == 2 and culprit in err and out == "", err
+    status, _, err = call(trace.main, ["--weights", weights, "--config", str(config), "--tokens", "1",
+                                       "--out", str(tmp_path / "t.safetensors")], capsys)
+    assert status == 2 and culprit in err and not (tmp_path / "t.safetensors").exists()
+
+
 def test_run_needs_a_prompt_for_a_real_model(bare, capsys):
     status, _, err = call(run.main, ["--weights", str(bare)], capsys)
     assert status == 2 and "give --prompt TEXT or --tokens" in err

@@ -3,9 +3,12 @@ classes, and published config.json files of every supported family (spec/config.
 
 from __future__ import annotations
 
-import re
+import copy
+import json
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from d2m_ref.errors import ConfigError
@@ -115,3 +118,101 @@ def test_family_defaults_are_transformers_defaults(family, key):
         assert ours.layers[0].moe.shared_expert_intermediate_size == expected
     elif key == "moe_intermediate_size":
         assert ours.layers[0].moe.intermediate_size == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Published config.json files (tests/data/published_configs/, sources in SOURCES.md)
+
+PUBLISHED = REPO / "tests" / "data" / "published_configs"
+FAMILIES_HERE = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
+
+
+def _published() -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(PUBLISHED.glob("*.json"))}
+
+
+def _loadable(d: dict) -> bool:
+    return d.get("model_type") in FAMILIES_HERE and "quantization_config" not in d and not (
+        d.get("model_type") == "mistral" and d.get("sliding_window") is not None)
+
+
+ACCEPTED = sorted(name for name, d in _published().items() if _loadable(d))
+REFUSED = sorted(name for name, d in _published().items() if not _loadable(d))
+
+
+def shrink(d: dict) -> dict:
+    """The config at test size: layers, widths, heads and expert counts made small; every other key
+    (rope scaling, eps, theta, biases, vocab and token ids, bookkeeping) kept verbatim.  A key the
+    config leaves out stays out, so the family defaults are exercised as published."""
+    d = copy.deepcopy(d)
+    heads = d["num_attention_heads"]
+    kv = d.get("num_key_value_heads") or heads
+    ratio = max(1, heads // kv)
+    new_kv = 1 if ratio >= 4 else 2
+    d["num_attention_heads"] = new_kv * min(ratio, 4)
+    if "num_key_value_heads" in d:
+        d["num_key_value_heads"] = new_kv
+    d.update(hidden_size=96, intermediate_size=128, num_hidden_layers=2)  # 96: every head count used divides it
+    if d.get("head_dim") is not None:
+        d["head_dim"] = 16
+    for key, small in (("moe_intermediate_size", 32), ("shared_expert_intermediate_size", 48)):
+        if d.get(key):
+            d[key] = small
+    for key in ("num_experts", "num_local_experts"):
+        if d.get(key):
+            d[key] = d.get("num_experts_per_tok", 2) + 2
+    if isinstance(d.get("layer_types"), list):
+        d["layer_types"] = d["layer_types"][:2]
+    return d
+
+
+def test_the_fixtures_cover_every_family():
+    families = {_published()[name]["model_type"] for name in ACCEPTED}
+    assert len(ACCEPTED) >= 15 and families >= {"llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_published_config_agrees_with_transformers(name, tmp_path, record_property):
+    """A published config, shrunk, loads as published (no edits, no unverified keys) and its
+    float64 logits agree with float64-patched transformers to <= 1e-9 (weights by transformers)."""
+    from tests.peer import hf
+
+    import d2m_ref
+
+    config = shrink(_published()[name])
+    (tmp_path / "published").mkdir()
+    (tmp_path / "published" / "config.json").write_text(json.dumps(config))
+    hf_config = transformers.AutoConfig.from_pretrained(tmp_path / "published")
+    kwargs = dict(dtype=torch.float64, attn_implementation="eager")
+    if hf_config.model_type in hf.MOE_FAMILIES:
+        kwargs["experts_implementation"] = "eager"
+    model = hf.randomize_(transformers.AutoModelForCausalLM.from_config(hf_config, **kwargs), seed=1).eval()
+    model.save_pretrained(tmp_path / "weights")
+    ours = d2m_ref.load_model(tmp_path / "weights" / "model.safetensors", tmp_path / "published" / "config.json",
+                              strict_config=True)
+    try:
+        ids = np.random.default_rng(zlib.crc32(name.encode())).integers(0, config["vocab_size"], 11)
+        logits, _ = d2m_ref.forward(ours, ids)
+    finally:
+        ours.close()
+    with hf.float64_transformers():
+        reference = hf.logits(model, ids)
+    error = float(np.max(np.abs(logits - reference)) / np.max(np.abs(reference)))
+    record_property("relative_error", error)
+    assert error <= 1e-9, f"{name}: relative error {error:.3e}"
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_published_config_of_what_d2m_ref_does_not_implement_is_refused(name):
+    """Other families, weights quantised by another tool, windows in effect: a named error."""
+    d = _published()[name]
+    with pytest.raises(ConfigError) as info:
+        parse_config(d, name)
+    message = str(info.value)
+    if d.get("model_type") not in FAMILIES_HERE:
+        assert f"model_type={d['model_type']!r} is not supported" in message
+    elif "quantization_config" in d:
+        assert "quantization_config=" in message and "another tool" in message
+    else:
+        assert "sliding_window=" in message
