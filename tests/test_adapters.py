@@ -47,6 +47,18 @@ def test_record_trace_from_transformers_matches_reference_in_float64(name, tmp_p
     assert not report.unknown
 
 
+def test_record_trace_takes_the_batch_of_one_torch_callers_hold():
+    """input_ids as transformers callers have them, a [1, T] torch tensor, gives the same trace as
+    [T]; a real batch is refused by name."""
+    m64 = hf.build(hf.FAMILIES[0], torch.float64, seed=1)
+    ids = IDS % m64.config.vocab_size
+    flat = record_trace(m64, ids)
+    batched = record_trace(m64, torch.from_numpy(ids)[None])
+    assert flat.keys() == batched.keys() and all(np.array_equal(flat[k], batched[k]) for k in flat)
+    with pytest.raises(ValueError, match=r"\[T\] or a batch of one \[1, T\], got shape \(2, 10\)"):
+        record_trace(m64, np.stack([ids, ids]))
+
+
 def test_record_trace_writes_a_trace_that_says_its_precision(tmp_path, capsys):
     """A bf16 model's trace is stored float32 (exact) with candidate_dtype=bfloat16; check takes that as
     its default --candidate-dtype."""

@@ -137,16 +137,22 @@ def _routes_from_experts(x: np.ndarray, seen: dict[int, list[np.ndarray]], logit
 def record_trace(model: nn.Module, input_ids, path: str | Path | None = None, *,
                  call: Callable[[nn.Module, torch.Tensor], object] | None = None,
                  config: dict | None = None, force: bool = False) -> dict[str, np.ndarray]:
-    """Run `model` once on `input_ids` [T] (batch 1) and return (and write to `path`, if given) the
-    trace tensors its modules produced, under trace names.
+    """Run `model` once on `input_ids` [T] or [1, T] (batch 1, as every transformers caller holds
+    it; a torch tensor or anything array-like) and return (and write to `path`, if given) the trace
+    tensors its modules produced, under trace names.
 
     `call(model, ids [1, T])` runs the model (default: `model(input_ids=ids)`, plus use_cache=False
     for transformers models).  `config`: the config JSON to store in the trace metadata (default:
     the model's own `config`, if it has one).
     """
+    if isinstance(input_ids, torch.Tensor):
+        input_ids = input_ids.detach().cpu().numpy()
     ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]  # the [1, T] batch of one
     if ids.dim() != 1:
-        raise ValueError(f"record_trace: input_ids must be 1-D [T], got shape {tuple(ids.shape)}")
+        raise ValueError(f"record_trace: input_ids must be [T] or a batch of one [1, T], got shape "
+                         f"{tuple(ids.shape)} (d2m_ref traces one sequence)")
     params = [p for p in model.parameters() if p.is_floating_point()]
     model_dtype = params[0].dtype if params else torch.float32
     wide = torch.float64 if model_dtype == torch.float64 else torch.float32
