@@ -386,22 +386,33 @@ def _moe_defaults(family: str, k: _Keys) -> MoESpec | None:
     if family in ("llama", "mistral", "qwen2", "qwen3", "dense2moe"):
         return None
     top_k = k.int("num_experts_per_tok")
+    experts = _expert_count(family, k)
     if family == "mixtral":
-        return MoESpec(num_experts=k.int("num_local_experts"), top_k=top_k,
-                       intermediate_size=k.int("intermediate_size"), norm_topk_prob=True)
+        return MoESpec(num_experts=experts, top_k=top_k, intermediate_size=k.int("intermediate_size"),
+                       norm_topk_prob=True)
     if family == "olmoe":
-        return MoESpec(num_experts=k.int("num_experts"), top_k=top_k,
-                       intermediate_size=k.int("intermediate_size"),
+        return MoESpec(num_experts=experts, top_k=top_k, intermediate_size=k.int("intermediate_size"),
                        norm_topk_prob=k.bool("norm_topk_prob"))
-    # qwen2_moe / qwen3_moe: released Qwen3-MoE configs say num_experts, transformers writes num_local_experts
-    if k.has("num_experts") and k.has("num_local_experts") and k.raw("num_experts") != k.raw("num_local_experts"):
-        raise ConfigError(f"{k.where}: num_experts={k.raw('num_experts')} contradicts "
-                          f"num_local_experts={k.raw('num_local_experts')}")
-    experts = k.int("num_local_experts") if k.has("num_local_experts") else k.int("num_experts")
     shared = k.int("shared_expert_intermediate_size", minimum=0) if family == "qwen2_moe" else 0
     return MoESpec(num_experts=experts, top_k=top_k, intermediate_size=k.int("moe_intermediate_size"),
                    norm_topk_prob=k.bool("norm_topk_prob"),
                    shared_expert_intermediate_size=shared, shared_expert_gate=shared > 0)
+
+
+# The expert count's key and the alias transformers' config class maps to it (its attribute_map):
+# released Qwen3-MoE configs say num_experts where transformers writes num_local_experts.
+# Qwen2-MoE has no alias: there num_local_experts is another family's key.
+_EXPERT_KEYS = {"qwen2_moe": ("num_experts",), "qwen3_moe": ("num_local_experts", "num_experts"),
+                "mixtral": ("num_local_experts", "num_experts"), "olmoe": ("num_experts", "num_local_experts")}
+
+
+def _expert_count(family: str, k: _Keys) -> int:
+    """E, from the family's key or its alias (both given and different: refused)."""
+    given = [key for key in _EXPERT_KEYS[family] if k.has(key)]
+    if len(given) == 2 and k.raw(given[0]) != k.raw(given[1]):
+        raise ConfigError(f"{k.where}: {given[1]}={k.raw(given[1])} contradicts {given[0]}={k.raw(given[0])} "
+                          "(the same setting)")
+    return k.int(given[0] if given else "num_experts" if "num_experts" in k.defaults else "num_local_experts")
 
 
 def _hf_layers(family: str, k: _Keys, moe: MoESpec | None, n_layers: int) -> tuple[LayerSpec, ...]:

@@ -126,63 +126,95 @@ def gguf_architecture(f: GGUFFile) -> str:
     return arch
 
 
-def _float32_decimal(x: float) -> float:
-    """The shortest decimal that a float32 metadata value rounds from: GGUF stores 1e-5 as the
-    float32 9.99999974738e-06, and the writer meant 1e-5 (the difference, 2.5e-8 relative in eps,
-    moves logits by far less than 1e-9)."""
+def _number(f: GGUFFile, key: str, default: Any = ...) -> float:
+    """A float metadata value as the shortest decimal its float32 rounds from: GGUF stores 1e-5 as
+    the float32 9.99999974738e-06, and the writer meant 1e-5 (spec/format.md §3.1).  Anything but a
+    finite number is a named error."""
+    x = f.field(key, default)
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)) or not np.isfinite(x):
+        raise ConfigError(f"{f.path}: GGUF metadata '{key}' must be a finite number, found {x!r}")
     return float(str(np.float32(x)))
+
+
+def _count(f: GGUFFile, key: str, default: Any = ...) -> int:
+    """An integer metadata value, or a named error."""
+    x = f.field(key, default)
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise ConfigError(f"{f.path}: GGUF metadata '{key}' must be an integer, found {x!r}")
+    return int(x)
 
 
 def gguf_config(f: GGUFFile) -> dict[str, Any]:
     """The Hugging Face config dict the metadata describes (what import_gguf writes as config.json)."""
     arch = gguf_architecture(f)
     a = f"{arch}."
-    heads = f.field(a + "attention.head_count")
+    heads, hidden = _count(f, a + "attention.head_count"), _count(f, a + "embedding_length")
+    if arch == "llama" and _count(f, a + "expert_count", 0) > 0:
+        raise ConfigError(f"{f.path}: a llama GGUF with {a}expert_count={f.field(a + 'expert_count')} is "
+                          "llama.cpp's Mixtral layout, which d2m_ref does not read from GGUF; convert from the "
+                          "Hugging Face checkpoint instead")
+    vocab = f.field(a + "vocab_size", None)
     cfg: dict[str, Any] = {
         "model_type": ARCHITECTURES[arch],
         "architectures": [_HF_CLASS[arch]],
-        "vocab_size": f.field(a + "vocab_size", None) or len(f.field("tokenizer.ggml.tokens", ())),
-        "hidden_size": f.field(a + "embedding_length"),
-        "intermediate_size": f.field(a + "feed_forward_length"),
-        "num_hidden_layers": f.field(a + "block_count"),
+        "vocab_size": len(f.field("tokenizer.ggml.tokens", ())) if vocab is None else _count(f, a + "vocab_size"),
+        "hidden_size": hidden,
+        "intermediate_size": _count(f, a + "feed_forward_length"),
+        "num_hidden_layers": _count(f, a + "block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": f.field(a + "attention.head_count_kv", heads),
-        "max_position_embeddings": f.field(a + "context_length"),
-        "rms_norm_eps": _float32_decimal(f.field(a + "attention.layer_norm_rms_epsilon")),
-        "rope_theta": _float32_decimal(f.field(a + "rope.freq_base", 10000.0)),
+        "num_key_value_heads": _count(f, a + "attention.head_count_kv", heads),
+        "max_position_embeddings": _count(f, a + "context_length"),
+        "rms_norm_eps": _number(f, a + "attention.layer_norm_rms_epsilon"),
+        "rope_theta": _number(f, a + "rope.freq_base", 10000.0),
         "tie_word_embeddings": "output.weight" not in f.tensors,
     }
     if arch == "llama":  # no metadata key: llama.cpp loads the biases when the tensors are there
         cfg["attention_bias"] = "blk.0.attn_q.bias" in f.tensors
-    key_length = f.field(a + "attention.key_length", None)
-    if key_length is not None:
-        value_length = f.field(a + "attention.value_length", key_length)
-        if value_length != key_length:
-            raise ConfigError(f"{f.path}: {a}attention.key_length={key_length} differs from "
-                              f"value_length={value_length}; d2m_ref needs one head_dim")
-        cfg["head_dim"] = key_length
-    elif arch == "llama" and f.field(a + "rope.dimension_count", None) is not None:
-        cfg["head_dim"] = f.field(a + "rope.dimension_count")
-    scaling = f.field(a + "rope.scaling.type", "none")
-    if scaling == "linear":
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": f.field(a + "rope.scaling.factor")}
-    elif scaling != "none":
-        raise ConfigError(f"{f.path}: {a}rope.scaling.type={scaling!r} is not supported (none or linear)")
+    # llama.cpp: head size = key_length, else hidden / heads, for every architecture (so a
+    # family's config default, such as Qwen3's 128, never applies to a GGUF); rope.dimension_count
+    # is the number of rotated dimensions, which d2m_ref supports only when it is all of them.
+    head_dim = _count(f, a + "attention.key_length", hidden // heads if heads > 0 else 0)
+    value_length = _count(f, a + "attention.value_length", head_dim)
+    if value_length != head_dim:
+        raise ConfigError(f"{f.path}: {a}attention.key_length={head_dim} differs from "
+                          f"value_length={value_length}; d2m_ref needs one head_dim")
+    cfg["head_dim"] = head_dim
+    rotated = _count(f, a + "rope.dimension_count", head_dim)
+    if rotated != head_dim:
+        raise ConfigError(f"{f.path}: {a}rope.dimension_count={rotated} rotates part of each head of "
+                          f"{head_dim} (partial RoPE); d2m_ref rotates whole heads only")
+    cfg.update(_rope_scaling(f, a))
     if "rope_freqs.weight" in f.tensors:
         raise ConfigError(f"{f.path}: the file stores per-frequency RoPE factors (rope_freqs.weight, as llama.cpp "
                           "writes Llama 3.1 scaling); d2m_ref reads rope scaling from a config: convert from "
                           "the Hugging Face checkpoint instead")
     if arch in NORM_TOPK:
-        cfg.update(num_experts=f.field(a + "expert_count"), num_experts_per_tok=f.field(a + "expert_used_count"),
-                   moe_intermediate_size=f.field(a + "expert_feed_forward_length"),
+        cfg.update(num_experts=_count(f, a + "expert_count"), num_experts_per_tok=_count(f, a + "expert_used_count"),
+                   moe_intermediate_size=_count(f, a + "expert_feed_forward_length"),
                    norm_topk_prob=NORM_TOPK[arch], decoder_sparse_step=1, mlp_only_layers=[])
         if arch == "qwen2moe":
-            cfg["shared_expert_intermediate_size"] = f.field(a + "expert_shared_feed_forward_length", 0)
+            cfg["shared_expert_intermediate_size"] = _count(f, a + "expert_shared_feed_forward_length", 0)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = f.field(f"tokenizer.ggml.{key}", None)
         if value is not None:
             cfg[key] = value
     return cfg
+
+
+def _rope_scaling(f: GGUFFile, a: str) -> dict[str, Any]:
+    """llama.cpp's reading: the type defaults to linear, the factor comes from rope.scaling.factor
+    or the older rope.scale_linear; a factor of 1 (or none) means no scaling."""
+    factor = None
+    for key in (a + "rope.scaling.factor", a + "rope.scale_linear"):
+        if key in f.fields:
+            factor = _number(f, key)
+            break
+    kind = f.field(a + "rope.scaling.type", "linear" if factor not in (None, 0.0, 1.0) else "none")
+    if kind == "none" or (kind == "linear" and factor in (None, 0.0, 1.0)):
+        return {}
+    if kind != "linear":
+        raise ConfigError(f"{f.path}: {a}rope.scaling.type={kind!r} is not supported (none or linear)")
+    return {"rope_scaling": {"rope_type": "linear", "factor": factor}}
 
 
 _HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",

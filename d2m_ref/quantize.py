@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, metavar="PATH",
                         help="output .safetensors file, or a directory to hold model.safetensors")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    from .cli import add_strict_config_option  # the command-line plumbing only for the command
+    add_strict_config_option(parser)
     return parser
 
 
@@ -103,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
     storage = quant.FORMATS[args.format]
     target = output_file(args.out)
     refuse_existing(target, args.force)  # before the long work; save_streaming checks again
-    model = load_model(args.weights, args.config)
+    model = load_model(args.weights, args.config, strict_config=args.strict_config)
+    from .cli import warn_unverified
+    warn_unverified(model)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         command = "python -m d2m_ref.quantize " + " ".join(shlex.quote(a) for a in sys.argv[1:])

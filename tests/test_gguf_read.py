@@ -7,6 +7,7 @@ the source model runs in transformers made float64 (tests/peer/hf.py)."""
 
 from __future__ import annotations
 
+import re
 import struct
 
 import numpy as np
@@ -147,29 +148,87 @@ def test_unknown_architecture_is_named(tmp_path):
         d2m_ref.load_model(tmp_path / "gemma.gguf")
 
 
-def test_unsupported_tensor_type_is_named(tmp_path):
-    """A Q3_K tensor (a real llama.cpp type d2m_ref does not read): its name and type are named."""
-    path = _small(tmp_path)
-    reader = gguf.GGUFReader(path)
-    w = gguf.GGUFWriter(str(tmp_path / "q3k.gguf"), "llama")
+def _copy(src, dst, *, set_fields: dict | None = None, drop: tuple = (), tensor=None):
+    """A copy of GGUF `src` at `dst` with metadata set ({key: (value, GGUFValueType)}) or dropped,
+    and `tensor(name, ReaderTensor) -> (array, raw_dtype) | None` replacing tensors."""
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
     for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+        if field.name.startswith("GGUF.") or field.name == "general.architecture" or field.name in drop \
+                or field.name in (set_fields or {}):
             continue
         value, kind = field.contents(), field.types[0]
         if kind == gguf.GGUFValueType.ARRAY:
             w.add_array(field.name, value)
         else:
             w.add_key_value(field.name, value, kind)
+    for key, (value, kind) in (set_fields or {}).items():
+        w.add_key_value(key, value, kind)
     for t in reader.tensors:
-        if t.name == "blk.0.ffn_up.weight":
-            rows = int(t.shape[1])
-            raw = np.zeros((rows, gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q3_K][1]), np.uint8)
-            w.add_tensor(t.name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.Q3_K)
+        replaced = tensor(t.name, t) if tensor else None
+        if replaced is None:
+            w.add_tensor(t.name, np.array(t.data), raw_shape=t.data.shape, raw_dtype=t.tensor_type)
         else:
-            w.add_tensor(t.name, np.array(t.data))
+            array, raw_dtype = replaced
+            w.add_tensor(t.name, array, raw_shape=array.shape, raw_dtype=raw_dtype)
     _finish(w)
+    return dst
+
+
+def test_unsupported_tensor_type_is_named(tmp_path):
+    """A Q3_K tensor (a real llama.cpp type d2m_ref does not read): its name and type are named."""
+    q3k = gguf.GGMLQuantizationType.Q3_K
+
+    def swap(name, t):
+        if name == "blk.0.ffn_up.weight":
+            return np.zeros((int(t.shape[1]), gguf.GGML_QUANT_SIZES[q3k][1]), np.uint8), q3k
+        return None
+
+    path = _copy(_small(tmp_path), tmp_path / "q3k.gguf", tensor=swap)
     with pytest.raises(WeightsError, match=r"tensor 'blk\.0\.ffn_up\.weight' has GGUF type Q3_K; d2m_ref reads"):
-        d2m_ref.load_model(tmp_path / "q3k.gguf")
+        d2m_ref.load_model(path)
+
+
+F32, STR, U32 = gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT32
+
+
+@pytest.mark.parametrize("fields, drop, culprit", [
+    ({"llama.attention.layer_norm_rms_epsilon": ("abc", STR)}, (),
+     "'llama.attention.layer_norm_rms_epsilon' must be a finite number, found 'abc'"),
+    ({"llama.rope.freq_base": ("1e4", STR)}, (), "'llama.rope.freq_base' must be a finite number"),
+    ({"llama.block_count": (2.5, F32)}, (), "'llama.block_count' must be an integer"),
+    ({"llama.expert_count": (4, U32)}, (), "llama.cpp's Mixtral layout"),
+    ({"llama.rope.dimension_count": (4, U32)}, (), "rope.dimension_count=4 rotates part of each head of 10"),
+])
+def test_metadata_defects_are_named(fields, drop, culprit, tmp_path):
+    path = _copy(_small(tmp_path), tmp_path / "edited.gguf", set_fields=fields, drop=drop)
+    with pytest.raises(ConfigError, match=re.escape(culprit)):
+        d2m_ref.load_model(path)
+
+
+@pytest.mark.parametrize("fields, drop", [
+    ({"llama.rope.scaling.factor": (2.0, F32)}, ("llama.rope.scaling.type",)),  # type absent: linear
+    ({"llama.rope.scale_linear": (2.0, F32)}, ("llama.rope.scaling.type", "llama.rope.scaling.factor")),
+    ({"llama.rope.scaling.type": ("linear", STR), "llama.rope.scaling.factor": (2.0, F32)}, ()),
+], ids=["factor-without-type", "old-scale_linear", "linear"])
+def test_linear_rope_factor_is_read_as_llama_cpp_reads_it(fields, drop, tmp_path):
+    """Every spelling of a linear RoPE factor llama.cpp honours is read (none silently dropped)."""
+    path = _copy(_small(tmp_path), tmp_path / "scaled.gguf", set_fields=fields, drop=drop)
+    model = d2m_ref.load_model(path)
+    try:
+        assert (model.config.rope.rope_type, model.config.rope.factor) == ("linear", 2.0)
+    finally:
+        model.close()
+
+
+def test_qwen3_head_dim_comes_from_the_file_not_the_family_default(tmp_path):
+    """Without attention.key_length a GGUF's head size is hidden / heads (llama.cpp), not Qwen3's
+    config default of 128."""
+    case = next(c for c in CASES if c.config["model_type"] == "qwen3")
+    model = hf.build(hf.HFCase("q3", {**case.config, "head_dim": 8}), torch.float32)  # 32 / 4 heads
+    path = _copy(gw.write_gguf(model, tmp_path / "q3.gguf"), tmp_path / "nokey.gguf",
+                 drop=("qwen3.attention.key_length", "qwen3.attention.value_length"))
+    assert _relative(_ours(path), _reference(model)) <= 1e-9
 
 
 def test_llama3_rope_factors_are_refused_by_name(tmp_path):

@@ -101,23 +101,31 @@ def test_family_defaults_are_transformers_defaults(family, key):
         with pytest.raises(ConfigError, match=f"sliding_window={expected}"):
             parse_config({"model_type": family, **given, "max_position_embeddings": 1 << 20})
         return
-    ours = parse_config({"model_type": family, **given, "max_position_embeddings": 1 << 20})
-    if key == "num_key_value_heads":
-        assert ours.num_key_value_heads == expected
-    elif key == "head_dim":
-        assert ours.head_dim == expected
-    elif key == "rms_norm_eps":
-        assert ours.rms_norm_eps == expected
-    elif key == "rope_theta":
-        assert ours.rope.theta == expected
-    elif key == "num_experts_per_tok":
-        assert ours.layers[0].moe.top_k == expected
-    elif key in ("num_experts", "num_local_experts"):
-        assert ours.layers[0].moe.num_experts == expected
-    elif key == "shared_expert_intermediate_size":
-        assert ours.layers[0].moe.shared_expert_intermediate_size == expected
-    elif key == "moe_intermediate_size":
-        assert ours.layers[0].moe.intermediate_size == expected
+    ours = parse_config({"model_type": family, **given})
+    assert _ours(ours, key) == expected, (family, key, _ours(ours, key), expected)
+
+
+def _ours(cfg, key: str):
+    """What d2m_ref made of `key`: the ModelConfig field it becomes (every defaulted key has one)."""
+    moe = cfg.layers[0].moe
+    fields = {
+        "rms_norm_eps": lambda: cfg.rms_norm_eps, "rope_theta": lambda: cfg.rope.theta,
+        "tie_word_embeddings": lambda: cfg.tie_word_embeddings, "head_dim": lambda: cfg.head_dim,
+        "num_key_value_heads": lambda: cfg.num_key_value_heads,
+        "max_position_embeddings": lambda: cfg.max_position_embeddings,
+        "hidden_act": lambda: "silu",  # the only activation d2m_ref computes: parsing it is the check
+        "mlp_bias": lambda: False,  # likewise: a true value is refused
+        "attention_bias": lambda: cfg.qkv_bias if cfg.qkv_bias == cfg.o_bias else "q and o differ",
+        "qkv_bias": lambda: cfg.qkv_bias, "clip_qkv": lambda: cfg.clip_qkv,
+        "num_experts": lambda: moe.num_experts, "num_local_experts": lambda: moe.num_experts,
+        "num_experts_per_tok": lambda: moe.top_k, "moe_intermediate_size": lambda: moe.intermediate_size,
+        "shared_expert_intermediate_size": lambda: moe.shared_expert_intermediate_size,
+        "norm_topk_prob": lambda: moe.norm_topk_prob,
+        # every layer MoE <=> step 1 and no dense layers (the defaults)
+        "decoder_sparse_step": lambda: 1 if all(layer.moe for layer in cfg.layers) else "some dense",
+        "mlp_only_layers": lambda: [] if all(layer.moe for layer in cfg.layers) else "some dense",
+    }
+    return fields[key]()
 
 
 # ---------------------------------------------------------------------------------------------
