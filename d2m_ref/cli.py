@@ -12,6 +12,7 @@ import argparse
 import os
 import stat
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -148,22 +149,18 @@ def load_tokenizer_for(args: argparse.Namespace, model: Model, *, decode_output:
     if args.tokenizer is not None:
         return load_tokenizer(args.tokenizer)
     if isinstance(model.checkpoint, GGUFFile):
-        if args.prompt is not None:
-            return gguf_tokenizer(model.checkpoint)
-        if not decode_output:
+        load = partial(gguf_tokenizer, model.checkpoint)
+    else:
+        path = tokenizer_beside(args.weights)
+        if path is None:
             return None
-        try:
-            return gguf_tokenizer(model.checkpoint)
-        except InputError as exc:
-            warn(f"{exc}; showing token ids only")
-            return None
-    path = tokenizer_beside(args.weights)
-    if path is None or (args.prompt is None and not decode_output):
-        return None
+        load = partial(load_tokenizer, path)
     if args.prompt is not None:
-        return load_tokenizer(path)
+        return load()
+    if not decode_output:
+        return None
     try:
-        return load_tokenizer(path)
+        return load()
     except InputError as exc:
         warn(f"{exc}; showing token ids only")
         return None

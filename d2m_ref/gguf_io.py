@@ -86,13 +86,9 @@ class GGUFFile:
                 OSError) as exc:
             raise WeightsError(f"{self.path}: not a readable GGUF file (truncated or corrupt?): "
                                f"{type(exc).__name__}: {exc}") from None
+        # A truncated file fails inside the reader (a tensor's short slice does not reshape): caught above.
         self.tensors = {t.name: t for t in reader.tensors}
         self._reader = reader
-        for t in reader.tensors:  # a truncated file maps short tensors without complaint: check ends
-            end = int(t.data_offset) + int(t.n_bytes)
-            if end > size:
-                raise WeightsError(f"{self.path}: truncated: tensor '{t.name}' ends at byte {end}, the file has "
-                                   f"{size}")
 
     def names(self) -> list[str]:
         return list(self.tensors)
@@ -321,7 +317,19 @@ def _rope_unpermutation(rows: int, heads: int, path: Path, name: str) -> np.ndar
 
 
 def _unpermuted(raw: Callable[[], np.ndarray], order: np.ndarray) -> Callable[[], np.ndarray]:
-    return lambda: raw()[order]
+    """The rows in Hugging Face order, gathered once on first use and kept: a gather is a copy,
+    and an op reads a matrix block by block (Param.rows), which would otherwise gather it whole
+    for every block.  Kept in storage format: q and k only, not a full-precision copy."""
+    kept: list[np.ndarray] = []
+
+    def rows() -> np.ndarray:
+        if not kept:
+            gathered = raw()[order]
+            gathered.setflags(write=False)
+            kept.append(gathered)
+        return kept[0]
+
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ the source model runs in transformers made float64 (tests/peer/hf.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import struct
 
@@ -92,9 +93,18 @@ def test_decode_one_row_block_at_a_time(tmp_path):
         q = m.weights.layers[0].attention.q
         assert q.storage == "GGUF_Q4_K"
         whole = q.load(np.float64)
-        assert np.array_equal(q.rows(64, 128, np.float64), whole[64:128])
-        assert np.array_equal(q.take(np.array([255, 3, 3]), np.float64), whole[[255, 3, 3]])
+        decoded: list[int] = []
+
+        def spy(rows):
+            decoded.append(rows.shape[0])
+            return q._decode(rows)
+
+        counted = dataclasses.replace(q, _decode=spy)
+        assert np.array_equal(counted.rows(64, 128, np.float64), whole[64:128])
+        assert np.array_equal(counted.take(np.array([255, 3, 3]), np.float64), whole[[255, 3, 3]])
+        assert decoded == [64, 3]  # only the rows asked for were decoded
         assert q.nbytes == 256 * 256 * 144 // 256
+        assert q.raw() is q.raw()  # llama's q rows are put in HF order once, not per read
     finally:
         m.close()
 

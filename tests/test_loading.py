@@ -240,7 +240,7 @@ def test_unknown_keys_are_recorded_and_strict_refuses_them():
     """A key d2m_ref neither reads nor knows is accepted and listed; strict=True refuses it by name.
     Bookkeeping keys and a neighbour family's key at a neutral value are neither."""
     cfg = d2m_ref.parse_config({**CFG, "frobnicate": 1, "zeta": [2], "_model_name_or_path": "x",
-                                "unk_token_id": 0, "use_sliding_window": False, "clip_qkv": None})
+                                "unk_token_id": 0, "attention_bias": False, "num_local_experts": 1})  # qwen2 reads neither
     assert cfg.unverified_keys == ("frobnicate", "zeta")
     assert d2m_ref.parse_config(CFG).unverified_keys == ()
     with pytest.raises(ConfigError, match="unverified config key.*'frobnicate', 'zeta'.*--strict-config"):
@@ -301,6 +301,9 @@ def test_unsupported_or_contradictory_configs_are_refused(change, match):
     ({"model_type": "llama", "qkv_bias": True}, "qkv_bias"),  # transformers' Llama ignores it
     ({"model_type": "qwen3", "clip_qkv": 1}, "clip_qkv"),  # an OLMoE key, not at its neutral value
     ({"model_type": "mixtral", "attention_bias": True}, "attention_bias"),  # Mixtral has no biases
+    # Qwen2MoeConfig has no num_local_experts alias: transformers reads num_experts alone
+    ({"model_type": "qwen2_moe", "num_experts": 4, "num_local_experts": 6, "num_experts_per_tok": 2,
+      "moe_intermediate_size": 16}, "num_local_experts"),
 ])
 def test_neighbour_keys_off_their_neutral_value_are_unverified(change, key):
     assert d2m_ref.parse_config({**dense_config(), **change}).unverified_keys == (key,)

@@ -29,8 +29,6 @@ def _show(value) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return repr(value)
-    if isinstance(value, list):
-        return str(value)
     return str(value)
 
 
