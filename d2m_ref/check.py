@@ -39,13 +39,14 @@ import numpy as np
 
 from . import SPEC_VERSION
 from .adapters import Candidate, apply_map, load_candidate, name_map
-from .compare import PRECISIONS, TENSOR_SCALED, Comparison, compare, logit_stats, tolerance, unit_roundoff
+from .compare import KAPPA, KAPPA_KL, KAPPA_RMS, Comparison, compare, logit_stats
 from .cli import add_strict_config_option, warn_unverified
 from .config import ModelConfig
 from .errors import D2MError, InputError
 from .kernels import default_kernels
 from .model import LayerKV, Runtime, attention, forward, mlp, moe
 from .ops import rms_norm, rope_cos_sin, rope_inv_freq, router_scores, top_k
+from .rounding import ARITHMETIC, ErrorModel, config_reduction, expected_kl
 from .weights import Model, load_model
 
 PROG = "python -m d2m_ref.check"
@@ -93,7 +94,7 @@ class StageResult:
     def worst(self) -> Comparison | None:
         """The comparison (drift or local) furthest past its tolerance."""
         cs = [c for c in (self.drift, self.local) if c is not None]
-        return max(cs, key=lambda c: c.ratio) if cs else None
+        return max(cs, key=lambda c: c.score) if cs else None
 
     def as_dict(self) -> dict:
         return {"stage": self.stage.name, "kind": self.stage.kind, "layer": self.stage.layer, "status": self.status,
@@ -113,7 +114,6 @@ class Report:
     unknown: list[str]
     notes: list[str]
     forced_layers: list[int]
-    reduction: int = 1
     logits: dict | None = None
     unverified_config_keys: tuple[str, ...] = ()  # config keys d2m_ref accepted without knowing them
 
@@ -144,7 +144,7 @@ class Report:
         first = self.first_divergence
         return {"verdict": "PASS" if first is None else "FAIL", "exit_code": self.exit_code,
                 "summary": self.verdict(), "precision": self.precision,
-                "unit_roundoff": PRECISIONS[self.precision][0], "reduction": self.reduction, "candidate": self.candidate,
+                "unit_roundoff": ARITHMETIC[self.precision].u, "candidate": self.candidate,
                 "reference": self.reference, "tokens": self.tokens, "spec_version": SPEC_VERSION,
                 "first_divergence": divergence_dict(first) if first else None,
                 "stages": [r.as_dict() for r in self.stages], "missing": self.missing, "unknown": self.unknown,
@@ -157,7 +157,7 @@ def divergence_dict(r: StageResult) -> dict:
     d = {"layer": r.stage.layer, "tensor": r.stage.name, "message": r.message, "hint": r.hint}
     if c is not None:
         d.update(token=c.where[0] if c.where else None, index=c.where[1] if len(c.where) > 1 else None,
-                 candidate=c.candidate, reference=c.reference, ratio=c.ratio,
+                 candidate=c.candidate, reference=c.reference, ratio=c.ratio, rms_ratio=c.rms_ratio,
                  check="local" if c is r.local else "drift")
     return d
 
@@ -185,10 +185,11 @@ class Reference:
 
 
 def layer_from_inputs(model: Model, i: int, h_in: np.ndarray, attn_out: np.ndarray | None = None,
-                      routes: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                      routes: np.ndarray | None = None, ffn: bool = True) -> dict[str, np.ndarray]:
     """Layer i in float64 from given inputs (the local check): h_in [T, H] the residual entering it;
     attn_out [T, H], if given, replaces the layer's own attention output in the FFN's input;
-    routes [T, K] force the MoE's choice.  -> {trace name: tensor} of that layer (positions 0..T-1)."""
+    routes [T, K] force the MoE's choice; ffn=False stops after the attention.
+    -> {trace name: tensor} of that layer (positions 0..T-1), hidden.{i} included."""
     cfg, spec, w = model.config, model.config.layers[i], model.weights.layers[i]
     out: dict[str, np.ndarray] = {}
     rt = Runtime(cfg, np.dtype(np.float64), default_kernels(), out, None if routes is None else {i: routes})
@@ -201,8 +202,12 @@ def layer_from_inputs(model: Model, i: int, h_in: np.ndarray, attn_out: np.ndarr
         a, _ = attention(rt.norm(h_in, w.attention.norm), w.attention, positions, rope, LayerKV(empty, empty, None), rt)
         out[f"attn_out.{i}"] = a
         h = h_in + (a if attn_out is None else attn_out)
+    if not ffn:
+        return out
     x = rt.norm(h, w.ffn_norm)
-    out[f"ffn_out.{i}"] = mlp(x, w.ffn, rt) if spec.moe is None else moe(x, w.ffn, spec.moe, rt, i)
+    f = mlp(x, w.ffn, rt) if spec.moe is None else moe(x, w.ffn, spec.moe, rt, i)
+    out[f"ffn_out.{i}"] = f
+    out[f"hidden.{i}"] = h + f
     return out
 
 
@@ -222,16 +227,15 @@ def choice_values(model: Model, i: int, router_logits: np.ndarray) -> tuple[np.n
 
 
 def classify_routes(model: Model, i: int, ref_logits: np.ndarray, ref_ids: np.ndarray, cand_ids: np.ndarray,
-                    tau: float) -> list[dict]:
+                    sigma: np.ndarray) -> list[dict]:
     """Per token whose expert set differs: the reference's margin between what it chose and what the
-    candidate chose, against what an error of τ·(rms + |logit|) per logit explains.
+    candidate chose, against what errors of κσ per router logit (σ [T, E], the drift σ) explain.
 
     margin = max over experts the reference chose and the candidate dropped of v − min over experts the
     candidate took instead of v (v: logits, or scores + selection bias, converted to that scale with the
     first-order derivative of the score).  near_tie: margin ≤ allowance.
     """
     values, scores, biased = choice_values(model, i, ref_logits)
-    rms = np.full(ref_logits.shape[0], np.sqrt(np.mean(np.square(ref_logits))))  # tensor-scaled, as compared
     spec = model.config.layers[i].moe
     out = []
     for t in range(ref_ids.shape[0]):
@@ -239,7 +243,7 @@ def classify_routes(model: Model, i: int, ref_logits: np.ndarray, ref_ids: np.nd
         if r == c:
             continue
         dropped, added = sorted(r - c), sorted(c - r)
-        allowed = tau * (rms[t] + np.abs(ref_logits[t]))
+        allowed = KAPPA * np.asarray(sigma[t], np.float64)
         if biased:  # d score / d logit, first order: softmax p(1-p), sigmoid σ(1-σ)
             allowed = allowed * scores[t] * (1 - scores[t])
         worst_f = max(dropped, key=lambda e: values[t, e])
@@ -263,27 +267,30 @@ def infer_routes(model: Model, i: int, cand_logits: np.ndarray) -> np.ndarray:
 # The check
 
 
-def reduction_length(cfg: ModelConfig) -> int:
-    """The longest dot product of the forward pass (hidden size, attention width or an MLP width)."""
-    widths = [cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim]
-    for s in cfg.layers:
-        widths.append(s.intermediate_size)
-        if s.moe is not None:
-            widths += [s.moe.intermediate_size, s.moe.shared_expert_intermediate_size]
-    return max(widths)
-
-
 class _Checker:
     def __init__(self, model: Model, cand: dict[str, np.ndarray], precision: str, ref: Reference, keep_going: bool):
         self.model, self.cand, self.precision, self.ref, self.keep_going = model, cand, precision, ref, keep_going
+        self.arithmetic = ARITHMETIC[precision]
         self.routes: dict[int, np.ndarray] = {}  # the candidate's routes per MoE layer, when known
         self.usable: dict[str, np.ndarray] = {}  # candidate tensors that passed shape/finite checks
-        self._local_layers: dict[int, dict | None] = {}
+        self._local: dict[int, dict | None] = {}  # layer i recomputed from the candidate's own inputs
+        self._local_sigma: dict[int, dict] = {}  # and the σ of that recompute's rounding
         self.notes: list[str] = []
-        self.reduction = reduction_length(model.config)
+        self.logits: dict | None = None  # logits_summary, once the logits are compared
+        # The drift σ of every stage, in step with the stages: the pass reads the reference's routes of
+        # an MoE layer when it gets there, after the checker has forced the candidate's (spec/tolerances.md §2.4)
+        self.errors = ErrorModel(model, precision)
+        self._drift = self.errors.drift(ref.input_ids, lambda i: self.ref.trace[f"topk_ids.{i}"])
+        self._drift_sigma: dict[str, np.ndarray] = {}
 
-    def tau(self, kind: str, depth: int = 1, local: bool = False) -> float:
-        return tolerance(kind, self.precision, depth, local, self.reduction)
+    def drift_sigma(self, name: str) -> np.ndarray:
+        """σ of the candidate's accumulated error at trace tensor `name` (the pass advances to it)."""
+        while name not in self._drift_sigma:
+            got, _, sigma = next(self._drift)
+            # router_logits are kept: the routes stage reads them after the scores
+            self._drift_sigma = {k: v for k, v in self._drift_sigma.items() if k.startswith("router_logits")}
+            self._drift_sigma[got] = sigma
+        return self._drift_sigma[name]
 
     # -- candidate tensors ------------------------------------------------------------------
     def candidate(self, st: Stage, ref: np.ndarray) -> tuple[np.ndarray | None, str]:
@@ -308,34 +315,80 @@ class _Checker:
     def layer_input(self, i: int) -> np.ndarray | None:
         return self.usable.get("embeddings" if i == 0 else f"hidden.{i - 1}")
 
-    def local_layer(self, i: int) -> dict | None:
-        if i not in self._local_layers:
-            h_in = self.layer_input(i)
-            self._local_layers[i] = None if h_in is None else layer_from_inputs(
-                self.model, i, h_in, self.usable.get(f"attn_out.{i}"), self.routes.get(i))
-        return self._local_layers[i]
+    def dumped_var(self, x: np.ndarray) -> np.ndarray:
+        """The variance of one rounding of a dumped input (units of u²): a backend may compute on in
+        a wider format and dump a rounded copy, so its inputs as dumped are one rounding away from
+        what it used (spec/tolerances.md §2.4)."""
+        return self.arithmetic.rounding_var(x)
 
-    def local_reference(self, st: Stage) -> np.ndarray | None:
-        """This stage recomputed from the candidate's own inputs, or None if they are not all there."""
-        w = self.model.weights
-        if st.kind == "embeddings":
+    def own_attention(self, i: int) -> np.ndarray | None:
+        """The candidate's attn_out.i, which its FFN read (None: not dumped, or no attention)."""
+        return self.usable.get(f"attn_out.{i}") if self.model.config.layers[i].attention else None
+
+    def local_layer(self, i: int) -> tuple[dict, dict] | None:
+        """Layer i recomputed in float64 from the candidate's hidden.{i-1}, its attn_out if dumped and
+        its routes if known, and the σ of the rounding a candidate makes on that path (the error model
+        evaluated at the candidate's own inputs): ({name: tensor}, {name: σ})."""
+        if i not in self._local:
+            h_in = self.layer_input(i)
+            if h_in is None:
+                return None
+            own_attn, routes = self.own_attention(i), self.routes.get(i)
+            self._local[i] = layer_from_inputs(self.model, i, h_in, own_attn, routes)
+            stages = self.errors.layer(i, h_in, self.dumped_var(h_in), lambda: routes, own_attn)
+            self._local_sigma[i] = {name: self.errors.sigma(var) for name, _, var in stages}
+        return self._local[i], self._local_sigma[i]
+
+    def local_attention(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """attn_out.i recomputed from the candidate's hidden.{i-1}, and its σ."""
+        h_in = self.layer_input(i)
+        if h_in is None:
             return None
+        ref = layer_from_inputs(self.model, i, h_in, ffn=False)[f"attn_out.{i}"]
+        (_, _, var), = self.errors.layer(i, h_in, self.dumped_var(h_in), lambda: None, ffn=False)
+        return ref, self.errors.sigma(var)
+
+    def local_reference(self, st: Stage) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+        """This stage recomputed from the candidate's own inputs, the σ of the rounding on that path,
+        and what it was recomputed from; (None, None, "") if the inputs are not there."""
+        w, cfg, e = self.model.weights, self.model.config, self.errors
+        none = (None, None, "")
+        if st.kind == "embeddings":
+            return none
+        last = self.usable.get(f"hidden.{cfg.num_hidden_layers - 1}")
         if st.kind == "final_norm":
-            h = self.usable.get(f"hidden.{self.model.config.num_hidden_layers - 1}")
-            return None if h is None else rms_norm(h, w.norm.load(np.float64), self.model.config.rms_norm_eps)
+            if last is None:
+                return none
+            _, var = e.final_norm(last, self.dumped_var(last))
+            return rms_norm(last, w.norm.load(np.float64), cfg.rms_norm_eps), e.sigma(var), "final hidden"
         if st.kind == "logits":
             x = self.usable.get("final_norm")
-            return None if x is None else default_kernels().linear(x, w.lm_head)
+            if x is not None:
+                _, var = e.logits(x, self.dumped_var(x))
+                return default_kernels().linear(x, w.lm_head), e.sigma(var), "final_norm"
+            if last is None:
+                return none
+            xn, vx = e.final_norm(last, self.dumped_var(last))
+            _, var = e.logits(xn, vx)
+            x = rms_norm(last, w.norm.load(np.float64), cfg.rms_norm_eps)
+            return default_kernels().linear(x, w.lm_head), e.sigma(var), "final hidden"
         i = st.layer
-        if st.kind == "hidden":
-            h_in, f = self.layer_input(i), self.usable.get(f"ffn_out.{i}")
-            a = self.usable.get(f"attn_out.{i}") if self.model.config.layers[i].attention else 0.0
-            return None if h_in is None or f is None or a is None else h_in + a + f
-        if st.kind == "attn_out":  # computed before the FFN's input depends on the candidate's attn_out
-            h_in = self.layer_input(i)
-            return None if h_in is None else layer_from_inputs(self.model, i, h_in)[st.name]
+        if st.kind == "attn_out":
+            got = self.local_attention(i)
+            return none if got is None else (got[0], got[1], "layer input")
+        h_in, f = self.layer_input(i), self.usable.get(f"ffn_out.{i}")
+        attn = self.own_attention(i)
+        if st.kind == "hidden" and h_in is not None and f is not None and (attn is not None or
+                                                                             not cfg.layers[i].attention):
+            h = h_in + (0.0 if attn is None else attn)  # the two additions alone
+            var = sum(self.dumped_var(t) for t in (h_in, f, h + f) + ((attn, h) if attn is not None else ()))
+            return h + f, e.sigma(var), "own inputs"
         local = self.local_layer(i)
-        return None if local is None else local.get(st.name)
+        if local is None:
+            return none
+        values, sigmas = local
+        source = "own inputs" if attn is not None or not cfg.layers[i].attention else "layer input"
+        return values.get(st.name), sigmas.get(st.name), source
 
     # -- one stage ------------------------------------------------------------------------
     def tensor_stage(self, st: Stage) -> StageResult:
@@ -343,32 +396,43 @@ class _Checker:
         a, why = self.candidate(st, ref)
         if a is None:
             return StageResult(st, "MISSING" if why == "missing" else "NOT OK", message="" if why == "missing" else why)
-        local_ref = self.local_reference(st)
+        local_ref, s_local, source = self.local_reference(st)
+        s_drift = self.drift_sigma(st.name)
         if st.kind == "topk_weights":
-            a, ref, local_ref = self.align_weights(st.layer, a, ref, local_ref)
+            a, ref, local_ref, s_drift, s_local = self.align_weights(st.layer, a, ref, local_ref, s_drift, s_local)
         self.usable[st.name] = a
-        scale = "tensor" if st.kind in TENSOR_SCALED else "row"
-        drift = compare(a, ref, self.tau(st.kind, st.depth), scale)
-        local = None if local_ref is None else compare(a, local_ref, self.tau(st.kind, local=True),
-                                                       scale)
+        u = self.arithmetic.u
+        drift = compare(a, ref, s_drift, u)
+        local = None if local_ref is None else compare(a, local_ref, s_local, u)
         ok = drift.ok and (local is None or local.ok)
         r = StageResult(st, "OK" if ok else "NOT OK", drift, local)
+        if local is not None and source == "layer input" and st.kind != "attn_out":
+            r.message = "local: the layer recomputed from the candidate's residual stream"
+        if st.kind == "logits":
+            self.logits = logits_summary(a, ref, s_drift)
+            if self.logits["kl_mean"] > self.logits["kl_budget"]:
+                ok, r.status = False, "NOT OK"
+                r.message = (f"mean KL(reference ‖ candidate) {self.logits['kl_mean']:.3g} over the {self.precision} "
+                             f"budget {self.logits['kl_budget']:.3g} (κ_rms² × the {self.logits['kl_expected']:.3g} "
+                             "its rounding explains)")
         if not ok:
-            r.hint = diagnose(self, st, a, ref, local_ref, r)
+            r.hint = diagnose(self, st, a, ref, local_ref, r, s_drift if local is None or local.ok else s_local)
         return r
 
-    def align_weights(self, i, a, ref, local_ref):
-        """topk_weights side by side by expert id (a backend may order its top-k differently)."""
+    def align_weights(self, i, a, ref, local_ref, s_drift, s_local):
+        """topk_weights side by side by expert id (a backend may order its top-k differently); σ follows
+        the reference's order."""
         cand_ids = self.routes.get(i)
         ref_ids = self.ref.trace[f"topk_ids.{i}"]
         if cand_ids is None or not all(set(x) == set(y) for x, y in zip(cand_ids.tolist(), ref_ids.tolist())):
-            return a, ref, local_ref
+            return a, ref, local_ref, s_drift, s_local
         ca, ra = np.argsort(cand_ids, axis=1), np.argsort(ref_ids, axis=1)
         a = np.take_along_axis(a, ca, 1)
-        ref = np.take_along_axis(ref, ra, 1)
+        ref, s_drift = np.take_along_axis(ref, ra, 1), np.take_along_axis(s_drift, ra, 1)
         if local_ref is not None:
             local_ref = np.take_along_axis(local_ref, ca, 1)  # the local recompute used the candidate's routes
-        return a, ref, local_ref
+            s_local = np.take_along_axis(s_local, ra, 1)
+        return a, ref, local_ref, s_drift, s_local
 
     def routes_stage(self, st: Stage) -> StageResult:
         i, spec = st.layer, self.model.config.layers[st.layer].moe
@@ -396,9 +460,9 @@ class _Checker:
         if spec.top_k > 1 and np.any(np.diff(np.sort(ids, 1), axis=1) == 0):
             return StageResult(st, "NOT OK", message="a token names the same expert twice")
         self.routes[i] = ids
-        self._local_layers.pop(i, None)  # the FFN's local recompute now replays these routes
-        tau = self.tau("router_logits", st.depth)
-        flips = classify_routes(self.model, i, self.ref.trace[f"router_logits.{i}"], ref_ids, ids, tau)
+        self._local.pop(i, None)  # the FFN's local recompute now replays these routes
+        flips = classify_routes(self.model, i, self.ref.trace[f"router_logits.{i}"], ref_ids, ids,
+                                self.drift_sigma(f"router_logits.{i}"))
         for f in flips:
             f["source"] = source
         errors = [f for f in flips if not f["near_tie"]]
@@ -439,7 +503,7 @@ def check(model: Model, candidate: dict[str, np.ndarray], precision: str, *,
           keep_going: bool = False, candidate_source: str = "candidate", reference_source: str = "reference",
           notes: list[str] | None = None) -> Report:
     """Compare a candidate's tensors (trace names) with the reference forward pass of `model`."""
-    if precision not in PRECISIONS:
+    if precision not in ARITHMETIC:
         raise InputError(f"candidate dtype {precision!r} is not one of {', '.join(CANDIDATE_DTYPES)}")
     ids = candidate_ids(candidate, input_ids, reference_trace)
     check_token_count(candidate, ids.size, {s.name for s in stage_plan(model.config)})
@@ -450,15 +514,12 @@ def check(model: Model, candidate: dict[str, np.ndarray], precision: str, *,
     report = Report(precision=precision, candidate=candidate_source, reference=reference_source, tokens=int(ids.size),
                     stages=stages, missing=[r.stage.name for r in stages if r.status == "MISSING"],
                     unknown=sorted(set(candidate) - known), notes=list(notes or []) + checker.notes,
-                    forced_layers=sorted(ref.forced), reduction=checker.reduction,
+                    forced_layers=sorted(ref.forced), logits=checker.logits,
                     unverified_config_keys=model.config.unverified_keys)
     if report.compared == 0:
         raise InputError(f"{candidate_source}: none of its tensors is a trace tensor of this model "
                          f"(it holds {', '.join(sorted(candidate)[:6])}{' ...' if len(candidate) > 6 else ''}); "
                          "use --map to rename a backend's names to trace names (spec/format.md §2)")
-    logits = checker.usable.get("logits")
-    if logits is not None:
-        report.logits = logits_summary(logits, ref.trace["logits"], checker.tau("logits", model.config.num_hidden_layers))
     return report
 
 
@@ -491,17 +552,22 @@ def check_token_count(candidate: dict, T: int, names: set[str]) -> None:
                              f"have {T} tokens: were the ids (--tokens) the ones the backend ran on?")
 
 
-def logits_summary(a: np.ndarray, b: np.ndarray, tau: float) -> dict:
-    """KL, same-top-1, and whether each top-1 disagreement is a near tie of the reference's two best logits."""
+def logits_summary(a: np.ndarray, b: np.ndarray, sigma: np.ndarray) -> dict:
+    """KL, same-top-1, whether each top-1 disagreement is a near tie of the reference's two best logits
+    (closer than κ(σ₁ + σ₂)), and the mean-KL budget: κ_KL × the mean KL that errors of σ explain
+    (spec/tolerances.md §3.3)."""
     stats = logit_stats(a, b)
-    rms = np.sqrt(np.mean(np.square(b), axis=-1))
     ties = []
     for t in stats["top1_differs_at"]:
-        top2 = np.sort(b[t])[-2:]
-        allowance = tau * (2 * rms[t] + np.abs(top2).sum())
-        ties.append({"token": t, "margin": float(top2[1] - top2[0]), "allowance": float(allowance),
-                     "near_tie": bool(top2[1] - top2[0] <= allowance)})
+        top2 = np.argsort(b[t])[-2:]
+        margin = float(b[t, top2[1]] - b[t, top2[0]])
+        allowance = float(KAPPA * (sigma[t, top2[0]] + sigma[t, top2[1]]))
+        ties.append({"token": t, "margin": margin, "allowance": allowance, "near_tie": margin <= allowance})
     stats["top1_differences"] = ties
+    stats["kl_expected"] = float(np.mean(expected_kl(b, sigma)))
+    # KL is itself computed in float64: each log-probability errs by ~4 roundings of the largest |logit|
+    floor = float(np.mean(8 * np.finfo(np.float64).eps * (np.max(np.abs(b), axis=-1) + 1)))
+    stats["kl_budget"] = KAPPA_KL * stats["kl_expected"] + floor
     return stats
 
 
@@ -509,13 +575,35 @@ def logits_summary(a: np.ndarray, b: np.ndarray, tau: float) -> dict:
 # Hints for the first divergence: what the pattern of the error suggests
 
 
-def _token_ratios(a: np.ndarray, b: np.ndarray, tau: float) -> np.ndarray:
-    rms = np.sqrt(np.mean(np.square(b), axis=-1, keepdims=True))
-    return np.max(np.abs(a - b) / (tau * (rms + np.abs(b))), axis=-1)
+def effective_u(precision: str, n: int) -> float:
+    """u + u_acc·√n: the scale of one stage's rounding in `precision` (for comparing precisions in hints)."""
+    a = ARITHMETIC[precision]
+    return a.u + a.u_acc * np.sqrt(n)
+
+
+def _token_ratios(a: np.ndarray, b: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """[T, N] -> [T]: each token's score, the larger of its worst |a − b| / κσ and its
+    √mean(((a − b)/σ)²) / κ_rms (> 1: the token is off)."""
+    z = np.abs(a - b) / np.maximum(sigma, 1e-300)
+    return np.maximum(np.max(z, axis=-1) / KAPPA, np.sqrt(np.mean(np.square(z), axis=-1)) / KAPPA_RMS)
+
+
+def rope_pattern(ratios: np.ndarray) -> bool:
+    """Whether per-token error ratios [T] look like a RoPE error: token 0 (no rotation) within its
+    bound, most later tokens beyond it, and the error growing with position (rank correlation ≥ 0.5
+    over tokens 1..T-1) — not one or two elements of one token, which is what rounding gives."""
+    if ratios.shape[0] < 4 or ratios[0] > 1:
+        return False
+    later = ratios[1:]
+    if np.mean(later > 1) < 0.5:
+        return False
+    ranks = np.argsort(np.argsort(later))
+    pos = np.arange(later.shape[0])
+    return float(np.corrcoef(pos, ranks)[0, 1]) >= 0.5 or np.mean(later > 1) >= 0.9
 
 
 def diagnose(checker: _Checker, st: Stage, a: np.ndarray, ref: np.ndarray, local_ref: np.ndarray | None,
-             r: StageResult) -> str:
+             r: StageResult, sigma: np.ndarray) -> str:
     """One or two sentences on what the error pattern points to (heuristics, said as such)."""
     c = r.local if (r.local is not None and not r.local.ok) else r.drift
     against = ref if c is r.drift else local_ref
@@ -525,10 +613,12 @@ def diagnose(checker: _Checker, st: Stage, a: np.ndarray, ref: np.ndarray, local
                      "this stage is right given the candidate's own inputs (local check passes): the error "
                      "was accumulated before it")
     if against is not None and against.ndim == 2 and against.shape[0] > 1 and st.kind in ("attn_out",):
-        bad = _token_ratios(a, against, c.tau) > 1
-        if not bad[0] and bad[1:].any():
-            hints.append("token 0 agrees (position 0: no rotation, sees only itself) but later ones do not: "
-                         "suspect the RoPE convention (rotate-half vs interleaved pairs) or θ")
+        ratios = _token_ratios(a, against, sigma)
+        bad = ratios > 1
+        if rope_pattern(ratios):
+            hints.append("token 0 agrees (position 0: no rotation, sees only itself) and the later ones are off, "
+                         "more so further on: suspect the RoPE convention (rotate-half vs interleaved pairs), "
+                         "θ or its scaling")
         elif not bad[-1] and bad[:-1].any():
             hints.append("only the last token agrees: earlier tokens see something extra, suspect the causal "
                          "mask (off by one lets a token see the next)")
@@ -546,7 +636,7 @@ def diagnose(checker: _Checker, st: Stage, a: np.ndarray, ref: np.ndarray, local
     if st.kind == "ffn_out" and st.layer is not None and checker.model.config.layers[st.layer].moe is not None \
             and against is not None:
         routes = checker.routes.get(st.layer, checker.ref.trace[f"topk_ids.{st.layer}"])
-        bad = _token_ratios(a, against, c.tau) > 1
+        bad = _token_ratios(a, against, sigma) > 1
         experts = range(checker.model.config.layers[st.layer].moe.num_experts)
         suspects = [e for e in experts if bad[np.any(routes == e, axis=1)].all() and np.any(routes == e)]
         clean = [e for e in experts if not bad[np.any(routes == e, axis=1)].any() and np.any(routes == e)]
@@ -560,9 +650,10 @@ def diagnose(checker: _Checker, st: Stage, a: np.ndarray, ref: np.ndarray, local
                          "norm weight that was not folded into its gate/up projections)")
         elif suspects:
             hints.append(f"the wrong tokens all use experts {suspects}")
+    n = config_reduction(checker.model.config)
     explained = [p for p in ("float32", "float16", "bfloat16")
-                 if PRECISIONS[p][0] > PRECISIONS[checker.precision][0]
-                 and c.ratio * c.tau <= tolerance(st.kind, p, st.depth, c is r.local, checker.reduction)]
+                 if ARITHMETIC[p].u > ARITHMETIC[checker.precision].u
+                 and c.score * effective_u(checker.precision, n) <= effective_u(p, n)]
     if explained:
         hints.append(f"an error this size is what {explained[0]} rounding gives: a stage computed in "
                      f"{explained[0]} (or a wrong --candidate-dtype)?")
@@ -599,13 +690,14 @@ def _compress(names: list[str]) -> str:
 
 def format_report(report: Report, quiet: bool = False) -> str:
     lines = []
-    u = unit_roundoff(report.precision, report.reduction)
+    u = ARITHMETIC[report.precision].u
     if not quiet:
-        lines.append(f"candidate {report.candidate} ({report.precision}, u_eff = {u:.2e}) vs reference "
+        lines.append(f"candidate {report.candidate} ({report.precision}, u = {u:.2e}) vs reference "
                      f"{report.reference} (float64), {report.tokens} tokens")
-        lines.append("check: |Δ| ≤ τ·(rms of the token's row + |ref|); drift: against the reference pass, "
-                     "τ = C·u_eff·√depth; local: recomputed from the candidate's own inputs, τ = C·u_eff. "
-                     "Columns: worst |Δ| / allowed (≤ 1 is OK).")
+        lines.append(f"check: |Δ| ≤ {KAPPA:g}σ per element and rms(Δ/σ) ≤ {KAPPA_RMS:g} per tensor, σ the error "
+                     f"{report.precision} rounding explains there; drift: against the reference pass (σ of every "
+                     "rounding since the embeddings); local: recomputed from the candidate's own inputs (σ of "
+                     "this stage's, or this layer's, roundings). Columns: the worse of the two ratios (≤ 1 is OK).")
         for note in report.notes:
             lines.append(f"note: {note}")
         if report.unverified_config_keys:
@@ -629,8 +721,9 @@ def format_report(report: Report, quiet: bool = False) -> str:
             if c is None:
                 lines.append(f"{r.stage.name:<18}  {r.message}  {r.status}")
                 continue
-            drift = f"{r.drift.ratio:.2f}" if r.drift else "-"
-            local = f"{r.local.ratio:.2f}" if r.local else "-"
+            drift = f"{r.drift.score:.2f}" if r.drift else "-"
+            local = f"{r.local.score:.2f}" + ("L" if r.message.startswith("local: the layer") else "") \
+                if r.local else "-"
             lines.append(f"{r.stage.name:<18}{drift:>9}{local:>9}{_fmt(c.max_abs):>11}  {_where(r.stage, c):<11}"
                          f"{_fmt(c.candidate):>12}{_fmt(c.reference):>12}  {r.status}")
         if skipped:
@@ -645,7 +738,8 @@ def format_report(report: Report, quiet: bool = False) -> str:
             lg = report.logits
             ties = sum(d["near_tie"] for d in lg["top1_differences"])
             lines.append(f"logits: same top-1 {100 * lg['same_top1']:.1f} % ({len(lg['top1_differs_at'])} differ, "
-                         f"{ties} of them near ties), KL(ref‖cand) mean {lg['kl_mean']:.3g}, max {lg['kl_max']:.3g}")
+                         f"{ties} of them near ties), KL(ref‖cand) mean {lg['kl_mean']:.3g} (budget "
+                         f"{lg['kl_budget']:.3g}), max {lg['kl_max']:.3g}")
         lines.append("")
     first = report.first_divergence
     if first is not None:
@@ -655,8 +749,8 @@ def format_report(report: Report, quiet: bool = False) -> str:
             which = "local" if c is first.local else "drift"
             lines.append(f"first divergence: {where}, {first.stage.name}, token {c.where[0] if c.where else '-'}"
                          f"{', index ' + str(c.where[1]) if len(c.where) > 1 else ''}: candidate {c.candidate:.6g}, "
-                         f"reference {c.reference:.6g} ({which} check: {c.ratio:.1f}× the allowed error; "
-                         f"{c.bad} of {c.size} elements over)")
+                         f"reference {c.reference:.6g} ({which} check: {c.ratio:.2f}× the allowed error per "
+                         f"element, {c.bad} of {c.size} elements over; {c.rms_ratio:.2f}× the allowed RMS)")
         else:
             lines.append(f"first divergence: {where}, {first.stage.name}: {first.message}")
         if first.message and c is not None:
@@ -736,7 +830,7 @@ def run(args: argparse.Namespace) -> int:
         tensors, map_notes = apply_map(tensors, name_map(args.map))
         notes += map_notes
     precision = args.candidate_dtype or cand.dtype_hint
-    if precision is None or precision not in PRECISIONS:
+    if precision is None or precision not in ARITHMETIC:
         raise InputError(f"{args.candidate}: cannot tell what precision the backend computed in"
                          f"{f' (file says {precision!r})' if precision else ''}: pass --candidate-dtype "
                          f"({', '.join(CANDIDATE_DTYPES)})")

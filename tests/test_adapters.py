@@ -77,7 +77,7 @@ def test_record_trace_writes_a_trace_that_says_its_precision(tmp_path, capsys):
     assert set(stored) == set(tensors) and stored["hidden.1"].dtype == np.float32
     assert load_candidate(path).dtype_hint == "bfloat16"
     assert chk.main(["--weights", str(tmp_path), "--candidate", str(path)]) == 0
-    assert "(bfloat16, u_eff" in capsys.readouterr().out
+    assert "(bfloat16, u = " in capsys.readouterr().out
 
 
 class LinearGateMoE(torch.nn.Module):

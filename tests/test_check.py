@@ -14,7 +14,8 @@ import pytest
 
 import d2m_ref
 from d2m_ref import check as chk
-from d2m_ref.compare import PRECISIONS, STAGE_FACTORS, TENSOR_SCALED, compare, tolerance
+from d2m_ref.compare import KAPPA, KAPPA_KL, KAPPA_RMS, compare
+from d2m_ref.rounding import ARITHMETIC
 from d2m_ref.safetensors_io import save
 from d2m_ref.synth import model_from_arrays, random_arrays, write_checkpoint
 
@@ -49,36 +50,48 @@ IDS = np.array([5, 17, 3, 88, 41, 9, 60, 2, 33])
 
 
 def test_comparator_reports_worst_element_and_both_values():
-    """compare() names the element furthest past |a-b| <= τ·rms(row) + τ·|b|, with both values."""
+    """compare() names the element furthest past |a-b| <= κσ, with both values and its σ."""
     b = np.array([[1.0, -2.0, 3.0, 0.5], [0.1, 0.2, -0.1, 0.05]])
+    sigma = np.full_like(b, 1e-4)
+    sigma[1, 2] = 2e-4
     a = b.copy()
     a[1, 2] += 0.01
-    c = compare(a, b, 1e-3)
-    rms = np.sqrt(np.mean(b[1] ** 2))
-    assert c.where == (1, 2) and c.candidate == a[1, 2] and c.reference == b[1, 2]
-    assert c.ratio == pytest.approx(0.01 / (1e-3 * (rms + 0.1)))
+    c = compare(a, b, sigma, 2.0 ** -8)
+    assert c.where == (1, 2) and c.candidate == a[1, 2] and c.reference == b[1, 2] and c.sigma == 2e-4
+    assert c.ratio == pytest.approx(0.01 / (KAPPA * 2e-4))
     assert not c.ok and c.bad == 1 and c.max_abs == pytest.approx(0.01)
-    assert compare(b, b, 1e-9).ratio == 0 and compare(b, b, 1e-9).cos_min == pytest.approx(1.0)
+    assert compare(b, b, sigma, 2.0 ** -8).ratio == 0 and compare(b, b, sigma, 2.0 ** -8).cos_min == pytest.approx(1.0)
 
 
-def test_comparator_row_and_tensor_scale():
-    """A row of near-zero values is judged against its own RMS (scale='row') or the whole tensor's."""
-    b = np.array([[10.0, -10.0, 10.0], [1e-3, -1e-3, 1e-3]])
-    a = b + np.array([[0, 0, 0], [1e-3, 0, 0]])
-    assert not compare(a, b, 1e-2, "row").ok
-    assert compare(a, b, 1e-2, "tensor").ok
+def test_comparator_aggregate_catches_an_error_spread_over_every_element():
+    """Every element off by 3σ: each inside κσ, but no rounding moves them all at once (rms(z) = 3 > κ_rms)."""
+    rng = np.random.default_rng(0)
+    b = rng.standard_normal((16, 64))
+    sigma = np.full_like(b, 1e-3)
+    spread = compare(b + 3e-3 * np.sign(rng.standard_normal(b.shape)), b, sigma, 2.0 ** -8)
+    assert spread.ratio < 1 and spread.rms_ratio == pytest.approx(3 / KAPPA_RMS) and not spread.ok
+    honest = compare(b + 1e-3 * rng.standard_normal(b.shape), b, sigma, 2.0 ** -8)
+    assert honest.ok and honest.rms_ratio == pytest.approx(1 / KAPPA_RMS, rel=0.1)
+    rows = np.zeros(16, bool)
+    rows[3] = True
+    assert compare(b + 3e-3, b, sigma, 2.0 ** -8, rows=rows).size == 64
 
 
-def test_every_table_entry_has_a_reason_and_grows_with_depth():
-    """One table: each precision and stage kind carries its reason; drift grows as √depth, local does not."""
-    for name, (u, u_acc, why) in PRECISIONS.items():
-        assert 0 < u_acc <= u and why
-    for kind, (c_local, c_drift, why) in STAGE_FACTORS.items():
-        assert 0 < c_local <= c_drift and why
-        assert tolerance(kind, "bfloat16", 16) == pytest.approx(4 * tolerance(kind, "bfloat16", 1))
-        assert tolerance(kind, "bfloat16", 16, local=True) == tolerance(kind, "bfloat16", 1, local=True)
-    assert TENSOR_SCALED <= set(STAGE_FACTORS)
-    assert tolerance("ffn_out", "bfloat16") > tolerance("ffn_out", "float16") > tolerance("ffn_out", "float32")
+def test_sigma_floor_only_where_the_model_says_exact():
+    """σ = 0 (an exact 0·0) is floored at a tiny fraction of the tensor's scale, not left to divide by zero."""
+    b = np.array([[0.0, 1.0], [0.0, -1.0]])
+    sigma = np.array([[0.0, 1e-3], [0.0, 1e-3]])
+    assert compare(b, b, sigma, 2.0 ** -8).ok
+    off = b.copy()
+    off[0, 0] = 1e-6  # far beyond the floor (2^-20 · u · rms)
+    assert not compare(off, b, sigma, 2.0 ** -8).ok
+
+
+def test_every_precision_has_a_reason():
+    for name, a in ARITHMETIC.items():
+        assert 0 < a.u_acc <= a.u and a.why and a.weight_form in ("element", "row"), name
+    assert ARITHMETIC["bfloat16"].u > ARITHMETIC["float16"].u > ARITHMETIC["float32"].u > ARITHMETIC["float64"].u
+    assert KAPPA_KL == KAPPA_RMS ** 2
 
 
 # ---------------------------------------------------------------------------------------------
