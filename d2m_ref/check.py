@@ -313,7 +313,12 @@ class _Checker:
 
     # -- local references -------------------------------------------------------------------
     def layer_input(self, i: int) -> np.ndarray | None:
-        return self.usable.get("embeddings" if i == 0 else f"hidden.{i - 1}")
+        """The candidate's residual entering layer i: hidden.{i-1}, or its embeddings; for layer 0 of a
+        candidate that did not dump them, the embedding rows themselves (a lookup: the candidate's
+        differ by their storage rounding, which the local σ allows for)."""
+        if i > 0:
+            return self.usable.get(f"hidden.{i - 1}")
+        return self.usable.get("embeddings", self.ref.trace["embeddings"])
 
     def dumped_var(self, x: np.ndarray) -> np.ndarray:
         """The variance of one rounding of a dumped input (units of u²): a backend may compute on in
