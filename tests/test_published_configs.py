@@ -222,3 +222,41 @@ def test_published_config_of_what_d2m_ref_does_not_implement_is_refused(name):
         assert "quantization_config=" in message and "another tool" in message
     else:
         assert "sliding_window=" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_published_config_honest_half_precision_runs_raise_no_alarm(name, tmp_path):
+    """The published config, shrunk, with random weights: transformers run in float32, float16 and
+    bfloat16 (cast from the float64 checkpoint the reference reads), recorded as a user would, checked
+    with the whole trace and residual-only — no alarm (spec/tolerances.md §6)."""
+    import copy
+
+    import d2m_ref
+    from d2m_ref.adapters.torch import record_trace
+    from d2m_ref.check import check
+    from tests.peer import hf
+    from tests.test_bug_catalog import residual_only
+
+    config = shrink(_published()[name])
+    (tmp_path / "published").mkdir()
+    (tmp_path / "published" / "config.json").write_text(json.dumps(config))
+    hf_config = transformers.AutoConfig.from_pretrained(tmp_path / "published")
+    kwargs = dict(dtype=torch.float64, attn_implementation="eager")
+    if hf_config.model_type in hf.MOE_FAMILIES:
+        kwargs["experts_implementation"] = "eager"
+    model = hf.randomize_(transformers.AutoModelForCausalLM.from_config(hf_config, **kwargs), seed=2).eval()
+    model.save_pretrained(tmp_path / "weights")
+    ours = d2m_ref.load_model(tmp_path / "weights" / "model.safetensors", tmp_path / "published" / "config.json")
+    alarms = []
+    try:
+        ids = np.random.default_rng(zlib.crc32(name.encode())).integers(0, config["vocab_size"], 24)
+        for precision in ("float32", "float16", "bfloat16"):
+            trace = record_trace(copy.deepcopy(model).to(getattr(torch, precision)), ids)
+            for mode, cand in (("full", trace), ("residual-only", residual_only(trace))):
+                report = check(ours, cand, precision)
+                if report.exit_code:
+                    alarms.append(f"{precision} {mode}: {report.verdict()}")
+    finally:
+        ours.close()
+    assert not alarms, f"{name}: " + "; ".join(alarms)
