@@ -192,20 +192,39 @@ def scores_var(q: np.ndarray, var_q: np.ndarray, k: np.ndarray, var_k: np.ndarra
     return stored(prop, s, a, 2.0)
 
 
+def lognormal_growth(v: np.ndarray) -> np.ndarray:
+    """E[(e^X − 1)²]/v for X ~ N(0, v): how much a relative error e^X − 1 exceeds its first-order
+    variance v once v is not small (→ 1 as v → 0).  v in absolute units, capped at 20."""
+    v = np.minimum(np.asarray(v, np.float64), 20.0)
+    small = v < 1e-4
+    safe = np.where(small, 1.0, v)
+    return np.where(small, 1.0 + 1.25 * v, (np.exp(2 * safe) - 2 * np.exp(safe / 2) + 1) / safe).astype(F32)
+
+
 def softmax_var(p: np.ndarray, var_s: np.ndarray, a: Arithmetic) -> np.ndarray:
-    """(2.7) p = softmax(s) over the last axis: δpⱼ = pⱼ(δsⱼ − Σₗ pₗδsₗ), so
-    var_p ≤ p²(var_sⱼ + Σₗ pₗ² var_sₗ); plus p stored.  Masked entries (p = 0) carry no error."""
+    """(2.7) p = softmax(s) over the last axis: δpⱼ = pⱼ(δsⱼ − Σₗ pₗδsₗ), so log pⱼ errs with variance
+    vⱼ = V(sⱼ) + Σₗ pₗ²V(sₗ) (the −2pⱼV(sⱼ) covariance dropped) and V(pⱼ) = pⱼ²·vⱼ to first order;
+    beyond it (a drift of a logit or more: an expert's weight can move 100×) pⱼ·e^X with X ~ N(0, vⱼ),
+    lognormal_growth, up to σ = 1 (any probability).  Then p stored.  Masked entries (p = 0) carry no error."""
     p2 = np.square(p, dtype=F32)
-    return stored(p2 * (var_s + np.sum(p2 * var_s, axis=-1, keepdims=True)), p, a)
+    v = var_s + np.sum(p2 * var_s, axis=-1, keepdims=True)
+    var = p2.astype(np.float64) * v * lognormal_growth(v * a.u * a.u)
+    return stored(np.minimum(var, 1 / (a.u * a.u)).astype(F32), p, a)  # at most σ = 1: a probability's range
 
 
 def weighted_sum_var(p: np.ndarray, var_p: np.ndarray, v: np.ndarray, var_v: np.ndarray, o: np.ndarray,
-                     a: Arithmetic) -> np.ndarray:
-    """(2.8) o = P·V for P [M, S], V [S, D]: var_P·V² + P²·var_V, the S-term accumulation, o stored.
-    -> [M, D]."""
+                     a: Arithmetic, coherent_values: bool = True) -> np.ndarray:
+    """(2.8) o = P·V for P [M, S], V [S, D].  The probabilities' errors over the S keys are summed
+    coherently, (σ_P·|V|)²: they share the query's error (δsⱼ = δq·kⱼ + …), so on a repeated phrase,
+    whose keys and values are alike, they move together (|Σⱼ aⱼδⱼ| ≤ Σⱼ |aⱼ|σⱼ holds for any
+    correlation).  The values' errors likewise when they are inherited (the drift every key carries
+    from the same weights and the same earlier keys: coherent_values), in quadrature, P²·V(V), when
+    they are each key's own fresh rounding (a local check).  Plus the accumulation over S keys, o
+    stored.  -> [M, D]."""
     p2, v2 = np.square(p, dtype=F32), np.square(v, dtype=F32)
-    prop = var_p @ v2 + p2 @ (var_v + a.accumulation_var(p.shape[-1]) * v2)
-    return stored(prop, o, a)
+    var = np.square(np.sqrt(var_p) @ np.abs(v).astype(F32))
+    var += np.square(p.astype(F32) @ np.sqrt(var_v)) if coherent_values else p2 @ var_v
+    return stored(var + a.accumulation_var(p.shape[-1]) * (p2 @ v2), o, a)
 
 
 def swiglu_var(g: np.ndarray, var_g: np.ndarray, up: np.ndarray, var_up: np.ndarray, h: np.ndarray,
@@ -219,8 +238,11 @@ def swiglu_var(g: np.ndarray, var_g: np.ndarray, up: np.ndarray, var_up: np.ndar
 
 
 def sigmoid_var(s: np.ndarray, var_l: np.ndarray, a: Arithmetic) -> np.ndarray:
-    """(2.10) s = σ(ℓ): (σ(1 − σ))²·var_ℓ, s stored."""
-    return stored(np.square(s * (1 - s), dtype=F32) * var_l, s, a)
+    """(2.10) s = σ(ℓ): (σ(1 − σ))²·V(ℓ) to first order; beyond it the slope at ℓ + δ is up to e^|δ|
+    times the slope at ℓ (and never above 1/4): (σ(1 − σ))²·e^(2√V)·V, at most V/16.  s stored."""
+    sd = np.sqrt(np.minimum(var_l * F32(a.u * a.u), 400.0))
+    slope2 = np.minimum(np.square(s * (1 - s), dtype=F32) * np.exp(2 * sd, dtype=F32), F32(1 / 16))
+    return stored(slope2 * var_l, s, a)
 
 
 def renormalised_var(w: np.ndarray, var_w: np.ndarray, a: Arithmetic) -> np.ndarray:
@@ -289,8 +311,9 @@ class ErrorModel:
                           angle_error(positions, inv_freq, self.cfg.rope.theta))
         return tuple(t[:T] for t in self._rope)
 
-    def attention(self, x: np.ndarray, var: np.ndarray, w) -> tuple[np.ndarray, np.ndarray]:
-        """[T, H] normed input -> attention output [T, H] and its variance.  spec §3."""
+    def attention(self, x: np.ndarray, var: np.ndarray, w, inherited: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """[T, H] normed input -> attention output [T, H] and its variance.  spec §3.  inherited: the
+        input's errors are drift, shared across tokens (2.8), not each token's own rounding."""
         cfg, T = self.cfg, x.shape[0]
         Nh, Nkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q, vq = self.linear(x, var, w.q, w.q_bias)
@@ -329,7 +352,7 @@ class ErrorModel:
                 p = softmax(np.where(mask, s, -np.inf), axis=-1)
                 vp = softmax_var(p, np.where(mask, vs, 0), self.a)
                 out[lo:hi, h] = o = p @ v[:, g]
-                vout[lo:hi, h] = weighted_sum_var(p, vp, v[:, g], vv[:, g], o, self.a)
+                vout[lo:hi, h] = weighted_sum_var(p, vp, v[:, g], vv[:, g], o, self.a, inherited)
         return self.linear(out.reshape(T, Nh * D), vout.reshape(T, Nh * D), w.o, w.o_bias)
 
     def mlp(self, x: np.ndarray, var: np.ndarray, w: MLPWeights):
@@ -383,18 +406,20 @@ class ErrorModel:
 
     # -- compositions -----------------------------------------------------------------------------
     def layer(self, i: int, h: np.ndarray, var: np.ndarray, routes: Callable[[], np.ndarray | None],
-              attn_out: np.ndarray | None = None, ffn: bool = True) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+              attn_out: np.ndarray | None = None, ffn: bool = True,
+              inherited: bool = True) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         """Layer i from the residual h [T, H] with error variance var: yields (trace name, value,
         variance) per stage.  spec §5.1.  `attn_out`, if given, is the candidate's: the FFN reads
         h + attn_out and its error starts at that addition's rounding.  `routes()` gives topk_ids
         [T, K] when the MoE needs them, or None for the spec's rule on this pass's own scores.
-        ffn=False stops after the attention."""
+        ffn=False stops after the attention.  inherited=False: `var` is each token's own (a local
+        check from the candidate's dumped inputs), not drift shared across tokens (2.8)."""
         spec, lw = self.cfg.layers[i], self.model.weights.layers[i]
         h = np.asarray(h, F32)
         if spec.attention:
             if attn_out is None:
                 x, vx = self.norm(h, var, lw.attention.norm)
-                a, va = self.attention(x, vx, lw.attention)
+                a, va = self.attention(x, vx, lw.attention, inherited)
                 yield f"attn_out.{i}", a, va
                 h = h + a
                 var = add_var(var, va, h, self.a)

