@@ -29,6 +29,7 @@ from d2m_ref import load_model
 from d2m_ref.check import Report, check
 from d2m_ref.import_gguf import main as import_gguf
 from tests.peer import prompts as prompt_bank
+from tests.peer.dumps import residual_only
 from tests.peer import smollm2_runs as runs
 from tests.real_models import smollm2_gguf
 
@@ -75,7 +76,7 @@ def worst_share(report: Report) -> tuple[float, str]:
 
 
 def candidate(trace: dict, mode: str) -> dict:
-    return trace if mode == "full" else runs.residual_only(trace)
+    return trace if mode == "full" else residual_only(trace)
 
 
 def honest(prompt_list, precisions=PRECISIONS, modes=MODES, attn_impl: str = "eager", log=print) -> list[dict]:

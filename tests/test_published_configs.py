@@ -177,14 +177,11 @@ def test_the_fixtures_cover_every_family():
     assert len(ACCEPTED) >= 15 and families >= {"llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral"}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ACCEPTED)
-def test_published_config_agrees_with_transformers(name, tmp_path, record_property):
-    """A published config, shrunk, loads as published (no edits, no unverified keys) and its
-    float64 logits agree with float64-patched transformers to <= 1e-9 (weights by transformers)."""
-    from tests.peer import hf
-
+def _published_model(name: str, tmp_path: Path, seed: int):
+    """The published config `name`, shrunk, as written to tmp_path; transformers' float64 model of it
+    with random weights (saved beside it); d2m_ref's model of those files, read with --strict-config."""
     import d2m_ref
+    from tests.peer import hf
 
     config = shrink(_published()[name])
     (tmp_path / "published").mkdir()
@@ -193,10 +190,22 @@ def test_published_config_agrees_with_transformers(name, tmp_path, record_proper
     kwargs = dict(dtype=torch.float64, attn_implementation="eager")
     if hf_config.model_type in hf.MOE_FAMILIES:
         kwargs["experts_implementation"] = "eager"
-    model = hf.randomize_(transformers.AutoModelForCausalLM.from_config(hf_config, **kwargs), seed=1).eval()
+    model = hf.randomize_(transformers.AutoModelForCausalLM.from_config(hf_config, **kwargs), seed=seed).eval()
     model.save_pretrained(tmp_path / "weights")
     ours = d2m_ref.load_model(tmp_path / "weights" / "model.safetensors", tmp_path / "published" / "config.json",
                               strict_config=True)
+    return config, model, ours
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_published_config_agrees_with_transformers(name, tmp_path, record_property):
+    """A published config, shrunk, loads as published (no edits, no unverified keys) and its
+    float64 logits agree with float64-patched transformers to <= 1e-9 (weights by transformers)."""
+    import d2m_ref
+    from tests.peer import hf
+
+    config, model, ours = _published_model(name, tmp_path, seed=1)
     try:
         ids = np.random.default_rng(zlib.crc32(name.encode())).integers(0, config["vocab_size"], 11)
         logits, _ = d2m_ref.forward(ours, ids)
@@ -232,22 +241,11 @@ def test_published_config_honest_half_precision_runs_raise_no_alarm(name, tmp_pa
     with the whole trace and residual-only — no alarm (spec/tolerances.md §6)."""
     import copy
 
-    import d2m_ref
     from d2m_ref.adapters.torch import record_trace
     from d2m_ref.check import check
-    from tests.peer import hf
-    from tests.test_bug_catalog import residual_only
+    from tests.peer.dumps import residual_only
 
-    config = shrink(_published()[name])
-    (tmp_path / "published").mkdir()
-    (tmp_path / "published" / "config.json").write_text(json.dumps(config))
-    hf_config = transformers.AutoConfig.from_pretrained(tmp_path / "published")
-    kwargs = dict(dtype=torch.float64, attn_implementation="eager")
-    if hf_config.model_type in hf.MOE_FAMILIES:
-        kwargs["experts_implementation"] = "eager"
-    model = hf.randomize_(transformers.AutoModelForCausalLM.from_config(hf_config, **kwargs), seed=2).eval()
-    model.save_pretrained(tmp_path / "weights")
-    ours = d2m_ref.load_model(tmp_path / "weights" / "model.safetensors", tmp_path / "published" / "config.json")
+    config, model, ours = _published_model(name, tmp_path, seed=2)
     alarms = []
     try:
         ids = np.random.default_rng(zlib.crc32(name.encode())).integers(0, config["vocab_size"], 24)

@@ -12,6 +12,7 @@ import pytest
 
 from d2m_ref import forward, load_model
 from d2m_ref.gguf_io import gguf_tokenizer
+from tests.peer.dumps import residual_only
 from tests.peer.prompts import MAX_TOKENS, MIN_TOKENS, PROMPTS, prompt_ids
 from tests.real_models import smollm2_gguf
 
@@ -85,7 +86,7 @@ def test_residual_only_keeps_the_residual_stream_and_the_routers():
              "router_scores.1", "topk_ids.1", "topk_weights.1", "final_norm", "logits", "hidden", "hidden.x",
              "logits.0", "attn_out.12"]
     trace = {name: np.zeros(1) for name in names}
-    assert sorted(runs.residual_only(trace)) == sorted(
+    assert sorted(residual_only(trace)) == sorted(
         ["input_ids", "hidden.0", "hidden.12", "router_logits.1", "router_scores.1", "topk_ids.1", "topk_weights.1",
          "logits"])
 

@@ -5,7 +5,7 @@ This is the oracle's test bench, not a peer of d2m_ref: d2m_ref.check is measure
 (does it pass the honest runs at every precision, and name the layer of each bug?).  Nothing here
 imports d2m_ref except its torch adapter, which records the trace (spec/format.md §2).
 
-    from tests.peer.smollm2_runs import BUGS, run_trace, residual_only
+    from tests.peer.smollm2_runs import BUGS, run_trace
     trace = run_trace("bfloat16", ids)                             # honest
     trace = run_trace("bfloat16", ids, bug="gqa_mapping", layer=7)  # one bug in layer 7
 
@@ -26,7 +26,6 @@ import copy
 import functools
 import itertools
 import os
-import re
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -238,12 +237,3 @@ def run_trace(dtype: str, ids, bug: str | None = None, layer: int | None = None,
     model = (hf_model(dtype, attn_impl) if bug is None
              else buggy_model(dtype, bug, DEFAULT_LAYER if layer is None else layer, attn_impl))
     return record_trace(model, ids, path)
-
-
-_RESIDUAL = re.compile(r"(input_ids|logits|(hidden|router_logits|router_scores|topk_ids|topk_weights)\.\d+)")
-
-
-def residual_only(trace: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The tensors a backend that exposes only its residual stream would give: input_ids,
-    hidden.{i}, the router tensors and logits (no embeddings, attn_out, ffn_out, final_norm)."""
-    return {name: t for name, t in trace.items() if _RESIDUAL.fullmatch(name)}
