@@ -372,3 +372,32 @@ def test_cli_bad_input_exit_2_names_the_culprit(checkpoint, tmp_path, capsys, ar
 def test_cli_unknown_golden_case_lists_the_cases(capsys):
     assert run_cli("--golden", "no_such_case", "--candidate", "x.safetensors") == 2
     assert "cases: " in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Hints
+
+
+def _attn_layer(model) -> int:
+    return next(i for i, s in enumerate(model.config.layers) if s.attention)
+
+
+def test_rope_hint_only_for_a_rope_pattern():
+    """The RoPE hint needs RoPE's pattern: token 0 right, the later tokens off, more so further on.
+    One element of one token just over its bound (what rounding does at worst) gets no RoPE hint."""
+    cfg, _, model = small_model()
+    trace = reference_trace(model, IDS)
+    i = _attn_layer(model)
+    name = f"attn_out.{i}"
+    grows = dict(trace)
+    a = trace[name].copy()
+    a[1:] += 0.02 * np.arange(1, a.shape[0])[:, None] * np.abs(a[1:]).mean()
+    grows[name] = a
+    hint = chk.check(model, grows, "float32").first_divergence.hint
+    assert "RoPE" in hint, hint
+    one = dict(trace)
+    b = trace[name].copy()
+    b[4, 3] += 1e-4 * np.abs(b).max()
+    one[name] = b
+    first = chk.check(model, one, "float32").first_divergence
+    assert first is not None and first.stage.name == name and "RoPE" not in first.hint, first.hint
