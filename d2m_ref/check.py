@@ -187,7 +187,7 @@ class Reference:
 def layer_from_inputs(model: Model, i: int, h_in: np.ndarray, attn_out: np.ndarray | None = None,
                       routes: np.ndarray | None = None, ffn: bool = True) -> dict[str, np.ndarray]:
     """Layer i in float64 from given inputs (the local check): h_in [T, H] the residual entering it;
-    attn_out [T, H], if given, replaces the layer's own attention output in the FFN's input;
+    attn_out [T, H], if given, is the FFN's input's attention part (the layer's own is not computed);
     routes [T, K] force the MoE's choice; ffn=False stops after the attention.
     -> {trace name: tensor} of that layer (positions 0..T-1), hidden.{i} included."""
     cfg, spec, w = model.config, model.config.layers[i], model.weights.layers[i]
@@ -195,13 +195,15 @@ def layer_from_inputs(model: Model, i: int, h_in: np.ndarray, attn_out: np.ndarr
     rt = Runtime(cfg, np.dtype(np.float64), default_kernels(), out, None if routes is None else {i: routes})
     T = h_in.shape[0]
     h = h_in
-    if spec.attention:
+    if spec.attention and attn_out is not None:
+        h = h_in + attn_out
+    elif spec.attention:
         positions = np.arange(T)
         rope = rope_cos_sin(positions, rope_inv_freq(cfg.rope, cfg.head_dim, np.float64))
         empty = np.zeros((0, cfg.num_key_value_heads, cfg.head_dim))
         a, _ = attention(rt.norm(h_in, w.attention.norm), w.attention, positions, rope, LayerKV(empty, empty, None), rt)
         out[f"attn_out.{i}"] = a
-        h = h_in + (a if attn_out is None else attn_out)
+        h = h_in + a
     if not ffn:
         return out
     x = rt.norm(h, w.ffn_norm)
@@ -340,7 +342,7 @@ class _Checker:
                 return None
             own_attn, routes = self.own_attention(i), self.routes.get(i)
             self._local[i] = layer_from_inputs(self.model, i, h_in, own_attn, routes)
-            stages = self.errors.layer(i, h_in, self.dumped_var(h_in), lambda: routes, own_attn)
+            stages = self.errors.layer(i, h_in, self.dumped_var(h_in), lambda: routes, own_attn, inherited=False)
             self._local_sigma[i] = {name: self.errors.sigma(var) for name, _, var in stages}
         return self._local[i], self._local_sigma[i]
 
@@ -350,7 +352,7 @@ class _Checker:
         if h_in is None:
             return None
         ref = layer_from_inputs(self.model, i, h_in, ffn=False)[f"attn_out.{i}"]
-        (_, _, var), = self.errors.layer(i, h_in, self.dumped_var(h_in), lambda: None, ffn=False)
+        (_, _, var), = self.errors.layer(i, h_in, self.dumped_var(h_in), lambda: None, ffn=False, inherited=False)
         return ref, self.errors.sigma(var)
 
     def local_reference(self, st: Stage) -> tuple[np.ndarray | None, np.ndarray | None, str]:

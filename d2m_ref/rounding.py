@@ -115,24 +115,25 @@ def add_var(var_a: np.ndarray, var_b: np.ndarray, y: np.ndarray, a: Arithmetic) 
     return stored(var_a + var_b, y, a)
 
 
-def linear_var(x: np.ndarray, var: np.ndarray, w: Param, a: Arithmetic) -> np.ndarray:
-    """(2.3) y = x·Wᵀ for x [T, C], W [R, C]: the propagated W²·var, plus the weight's rounding
-    (elementwise: u_w²/3·W²·x²; quantised: u_w²·rms(Wᵣ)²·‖x‖²) and the accumulation of C products
-    (accumulation_var(C)·W²·x²).  -> [T, R]."""
+def row_blocks(w: Param) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(lo, hi, W[lo:hi] as float32) over W's rows, in blocks of at most BLOCK_BYTES."""
+    per_block = max(1, BLOCK_BYTES // (4 * w.shape[1]))
+    for lo in range(0, w.shape[0], per_block):
+        hi = min(w.shape[0], lo + per_block)
+        yield lo, hi, w.rows(lo, hi, F32)
+
+
+def linear_var(x: np.ndarray, var: np.ndarray, w2: np.ndarray, a: Arithmetic) -> np.ndarray:
+    """(2.3) y = x·Wᵀ for x [T, C], W² [R, C] (the weights squared): the propagated W²·var, plus the
+    weight's rounding (elementwise: u_w²/3·W²·x²; quantised: u_w²·rms(Wᵣ)²·‖x‖²) and the accumulation
+    of C products (accumulation_var(C)·W²·x²).  -> [T, R]."""
     T, C = var.shape
-    R = w.shape[0]
     x2 = np.square(x, dtype=F32)
-    both = np.concatenate([var, x2])  # one product for the propagated and the fresh terms
-    out = np.empty((T, R), F32)
-    per_block = max(1, BLOCK_BYTES // (4 * C))
+    prod = np.concatenate([var, x2]) @ w2.T  # one product for the propagated and the fresh terms
     fresh = (a.weight_var if a.weight_form == "element" else 0.0) + a.accumulation_var(C)
-    for lo in range(0, R, per_block):
-        hi = min(R, lo + per_block)
-        w2 = np.square(w.rows(lo, hi, F32))
-        prod = both @ w2.T
-        out[:, lo:hi] = prod[:T] + fresh * prod[T:]
-        if a.weight_form == "row":
-            out[:, lo:hi] += a.weight_var * w2.mean(axis=1)[None, :] * x2.sum(axis=1, keepdims=True)
+    out = prod[:T] + fresh * prod[T:]
+    if a.weight_form == "row":
+        out += a.weight_var * w2.mean(axis=1)[None, :] * x2.sum(axis=1, keepdims=True)
     return out
 
 
@@ -285,10 +286,12 @@ class ErrorModel:
     # -- the operations, each with its equation ---------------------------------------------------
     def linear(self, x: np.ndarray, var: np.ndarray, w: Param, bias: Param | None = None):
         """x [T, C] and its variance -> x·Wᵀ (+ b) [T, R] and its variance, stored."""
-        per_block = max(1, BLOCK_BYTES // (4 * w.shape[1]))
-        y = np.concatenate([x @ w.rows(lo, min(w.shape[0], lo + per_block), F32).T
-                            for lo in range(0, w.shape[0], per_block)], axis=1)
-        var_y = linear_var(x, var, w, self.a)
+        y = np.empty((x.shape[0], w.shape[0]), F32)
+        var_y = np.empty_like(y)
+        x = np.asarray(x, F32)
+        for lo, hi, block in row_blocks(w):
+            y[:, lo:hi] = x @ block.T
+            var_y[:, lo:hi] = linear_var(x, var, np.square(block), self.a)
         if bias is not None:
             b = bias.load(F32)
             var_y = var_y + (self.a.weight_var if self.a.weight_form == "element" else STORE) * np.square(b)
