@@ -36,6 +36,17 @@ from tests.real_models import smollm2_gguf
 PRECISIONS = ("float32", "float16", "bfloat16")
 MODES = ("full", "residual-only")
 BUG_LAYERS = (7, 20)
+# (bug, precision) -> why that precision cannot see it: the bug's effect where it acts is below the
+# precision's honest error there (measured by the sweep; spec/tolerances.md §7)
+_BELOW_F16 = "its effect in layer 7 (~1e-3 of attn_out in float32) is below float16's honest error there (~3e-3)"
+_BELOW_BF16 = "its effect in layer 7 is below bfloat16's honest error there (~2e-2 of attn_out)"
+INVISIBLE: dict[tuple[str, str], str] = {
+    ("rmsnorm_eps", "float16"): _BELOW_F16, ("rmsnorm_eps", "bfloat16"): _BELOW_BF16,
+    ("rope_inv_freq_bf16", "float16"): _BELOW_F16, ("rope_inv_freq_bf16", "bfloat16"): _BELOW_BF16,
+    ("proj_scaled", "float16"): "2 % of attn_out is ~4x float16's honest error at one element's worst: flagged in the "
+                                "whole trace at ~1x its bound, not from the residual stream",
+    ("proj_scaled", "bfloat16"): "2 % of attn_out is bfloat16's honest error there (2-2.5e-2)",
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -152,7 +163,7 @@ def bug_table(rows: list[dict]) -> str:
                 right = sum(r["caught_layer"] == layer for r in rs)
                 stages = sorted({r["caught_at"] for r in rs if r["caught_layer"] == layer})
                 cell = f"{right}/{len(rs)}" + (f" {', '.join(stages)}" if stages else "")
-                wrong = sorted({str(r["caught_at"]) for r in rs if r["caught_layer"] != layer})
+                wrong = sorted({r["caught_at"] or "passed" for r in rs if r["caught_layer"] != layer})
                 cells.append(cell + (f" (else {', '.join(wrong)})" if wrong else ""))
             lines.append(f"| {bug} ({layer}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
