@@ -51,3 +51,12 @@ def test_injected_bug_is_caught_in_its_layer(bug, precision):
     for r in rows:
         ok = r["caught_layer"] == BUG_LAYER or (invisible and r["caught_at"] is None)
         assert ok, f"{bug} in layer {BUG_LAYER}, {precision} {r['mode']}: first divergence {r['caught_at']}"
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_rmsnorm_eps_is_caught_where_eps_matters(precision):
+    """Layer 0, whose input (the embeddings) has a mean square near eps: eps 1e-2 for 1e-5 is caught
+    there in every precision and both modes (in layer 7 it is below half precision's honest error)."""
+    rows = sweep.bugs([_prompt(BUG_PROMPT)], precisions=(precision,), layers=(0,), bug_names=["rmsnorm_eps"],
+                      log=lambda *_: None)
+    assert [r["caught_layer"] for r in rows] == [0, 0], rows
