@@ -401,3 +401,22 @@ def test_rope_hint_only_for_a_rope_pattern():
     one[name] = b
     first = chk.check(model, one, "float32").first_divergence
     assert first is not None and first.stage.name == name and "RoPE" not in first.hint, first.hint
+
+
+def test_mean_kl_verdict_fails_what_every_element_allows():
+    """Each position's 4 most likely logits 7σ high: each element inside 8σ, the tensor's rms(Δ/σ) tiny, but
+    the token distributions move by more than 4x the KL rounding explains: FAIL at logits, by KL."""
+    from d2m_ref.rounding import ErrorModel
+
+    cfg, _, model = small_model()
+    trace = reference_trace(model, IDS)
+    *_, (name, _, sigma) = ErrorModel(model, "float32").drift(IDS, lambda i: trace[f"topk_ids.{i}"])
+    assert name == "logits"
+    logits = trace["logits"].copy()
+    top = np.argsort(logits, axis=-1)[:, -4:]  # the 4 most likely tokens of each position
+    rows = np.arange(len(top))[:, None]
+    logits[rows, top] += 7 * sigma[rows, top]
+    report = chk.check(model, {"input_ids": trace["input_ids"], "logits": logits}, "float32")
+    stage = next(r for r in report.stages if r.stage.name == "logits")
+    assert stage.drift.ratio < 1 and stage.drift.rms_ratio < 1
+    assert stage.status == "NOT OK" and "KL" in stage.message and report.exit_code == 1

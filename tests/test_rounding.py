@@ -47,6 +47,11 @@ def test_linear_fresh_rounding_matches_a_float16_matmul():
     model = linear_var(x, F16.rounding_var(x), np.square(w).astype(np.float32), F16) + F16.rounding_var(y)
     ratio = _ratio(np.square(y16.astype(np.float64) - y), model, U16)
     assert 0.4 < ratio <= 1.0
+    # the weights' own rounding alone: exact float16 inputs, the product kept in float32
+    x16 = x.astype(np.float16).astype(np.float64)
+    y_w = x16.astype(np.float32) @ w.astype(np.float16).astype(np.float32).T
+    model_w = linear_var(x16, np.zeros(x16.shape, np.float32), np.square(w).astype(np.float32), F16)
+    assert 0.4 < _ratio(np.square(y_w - x16 @ w.T), model_w, U16) <= 1.0
 
 
 def test_rms_norm_matches_a_float16_norm():
