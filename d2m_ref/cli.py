@@ -139,8 +139,9 @@ def load_model_checked(args: argparse.Namespace) -> Model:
     return model
 
 
-def load_tokenizer_for(args: argparse.Namespace, model: Model, *, decode_output: bool) -> Tokenizer | None:
-    """The tokenizer, loaded only when something needs it.
+def load_tokenizer_for(args: argparse.Namespace, model: Model, *, decode_output: bool,
+                       need: bool = False) -> Tokenizer | None:
+    """The tokenizer, loaded only when something needs it (`need`: text to encode other than --prompt).
 
     --tokenizer given: always loaded, a bad file is an error.  Else a GGUF model's own vocabulary,
     or the tokenizer.json beside the weights, if any: loaded for --prompt (a bad file is an error)
@@ -155,7 +156,7 @@ def load_tokenizer_for(args: argparse.Namespace, model: Model, *, decode_output:
         if path is None:
             return None
         load = partial(load_tokenizer, path)
-    if args.prompt is not None:
+    if need or getattr(args, "prompt", None) is not None:
         return load()
     if not decode_output:
         return None

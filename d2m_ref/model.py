@@ -5,7 +5,7 @@ Dimension letters, used in every docstring of the package:
     Nh attention heads, Nkv key/value heads, D head_dim, E experts, K experts per token,
     F expert (or MLP) width, V vocabulary.
 
-`forward` is the only entry point: prefill is `forward(model, prompt_ids)`, decode is
+`forward` is the entry point (`residual_stream` stops before the final norm): prefill is `forward(model, prompt_ids)`, decode is
 `forward(model, [next_id], cache=cache)`.  The KV cache is an explicit value; `capture` (a dict)
 receives the trace tensors of spec/format.md §2 when given.
 """
@@ -301,6 +301,25 @@ def forward(model: Model, input_ids, *, cache: KVCache | None = None, dtype=np.f
     {layer: topk_ids [T, K]} replaces the router's choice there (the checker's forced routes).
     `progress(done, total)` is called after each layer.
     """
+    h, cache, rt = _decode(model, input_ids, cache, dtype, capture, kernels, forced_routes, progress)
+    h = rt.norm(h, model.weights.norm)  # spec §5.2 (3)
+    rt.record("final_norm", h)
+    logits = rt.kernels.linear(h, model.weights.lm_head)  # (4)
+    rt.record("logits", logits)
+    return logits, cache
+
+
+def residual_stream(model: Model, input_ids, *, dtype=np.float64, capture: dict | None = None,
+                    kernels: NumpyKernels | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """input_ids [T] -> the residual h [T, H] after the last layer, before the final norm: spec §5.2
+    steps 1–2 on an empty cache, without the LM head ([T, V], the largest activation) — what
+    calibration reads.  `capture` receives the same trace tensors as forward's, up to hidden.{L-1}."""
+    return _decode(model, input_ids, None, dtype, capture, kernels, None, progress)[0]
+
+
+def _decode(model, input_ids, cache, dtype, capture, kernels, forced_routes, progress):
+    """spec §5.2 steps 1–2: (h [T, H] after the last layer, the extended cache, the Runtime)."""
     cfg, w = model.config, model.weights
     dtype = np.dtype(dtype)
     if dtype not in COMPUTE_DTYPES:
@@ -318,12 +337,8 @@ def forward(model: Model, input_ids, *, cache: KVCache | None = None, dtype=np.f
     h = w.embed.take(ids, dtype)  # spec §5.2 (1)
     rt.record("embeddings", h)
     kv = [cache.layer(i) for i in range(len(cfg.layers))]
-    for i, (lw, spec) in enumerate(zip(w.layers, cfg.layers)):
+    for i, (lw, spec) in enumerate(zip(w.layers, cfg.layers)):  # (2)
         h, kv[i] = layer(h, lw, spec, i, positions, rope, kv[i], rt)
         if progress is not None:
             progress(i + 1, len(cfg.layers))
-    h = rt.norm(h, w.norm)
-    rt.record("final_norm", h)
-    logits = rt.kernels.linear(h, w.lm_head)
-    rt.record("logits", logits)
-    return logits, KVCache.of(cache.length + ids.size, kv)
+    return h, KVCache.of(cache.length + ids.size, kv), rt
