@@ -18,7 +18,6 @@ import argparse
 import functools
 import json
 import platform
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -27,11 +26,10 @@ import numpy as np
 
 from d2m_ref import load_model
 from d2m_ref.check import Report, check
-from d2m_ref.import_gguf import main as import_gguf
 from tests.peer import prompts as prompt_bank
 from tests.peer.dumps import residual_only
 from tests.peer import smollm2_runs as runs
-from tests.real_models import smollm2_gguf
+from tests.real_models import smollm2_folder
 
 PRECISIONS = ("float32", "float16", "bfloat16")
 MODES = ("full", "residual-only")
@@ -52,10 +50,7 @@ INVISIBLE: dict[tuple[str, str], str] = {
 @functools.lru_cache(maxsize=1)
 def reference_model():
     """d2m_ref's SmolLM2 (float32 safetensors imported from the GGUF, in a temporary folder)."""
-    folder = Path(tempfile.mkdtemp(prefix="d2m_smollm2_"))
-    if import_gguf([str(smollm2_gguf()), "--out", str(folder)]) != 0:
-        raise RuntimeError("import_gguf failed on the SmolLM2 GGUF")
-    return load_model(folder)
+    return load_model(smollm2_folder())
 
 
 @functools.lru_cache(maxsize=1)
