@@ -70,6 +70,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 # Keys known never to change the forward pass (bookkeeping, training-only, generation defaults):
 # accepted silently.  See spec/config.md, "Key policy".
 _INERT_KEYS = frozenset({
+    "conversion",  # provenance written by d2m_ref.convert (spec/convert.md §2.6)
     "_name_or_path", "_model_name_or_path", "architectures", "attention_dropout", "bos_token_id",
     "chunk_size_feed_forward", "dtype", "torch_dtype", "eos_token_id", "pad_token_id", "unk_token_id",
     "id2label", "label2id", "initializer_range", "is_encoder_decoder", "output_attentions",
