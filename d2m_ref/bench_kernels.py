@@ -62,10 +62,10 @@ from .config import parse_config
 from .errors import InputError
 from .files import atomic_write_bytes, check_output
 from .kernels import NumpyKernels
+from .roofline import FORMAT_STORAGE, model_weight_bytes
 from .synth import to_storage
 from .weights import METADATA_CONFIG_KEY, Param
 
-FORMAT_STORAGE = {"f32": "F32", "f16": "F16", "bf16": "BF16", **quant.FORMATS}
 DEFAULT_SHAPES = ("4864x896", "896x4864", "8960x1536")
 GB = 1e9
 
@@ -500,25 +500,6 @@ def qwen05b_dense2moe_config(groups: int = 6, group_size: int = 4, top_k: int = 
             "num_experts_per_tok": top_k, "layer_plan": plan}
 
 
-def bytes_per_token(model) -> int:
-    """Weight bytes one decode step reads: every attention and norm weight, the router, K experts of
-    each MoE layer (+ shared), dense MLPs, the final norm, the whole LM head and one embedding row."""
-    from .weights import iter_params
-    cfg, w = model.config, model.weights
-    total = w.embed.nbytes // cfg.vocab_size + w.norm.nbytes + w.lm_head.nbytes
-    for lw, spec in zip(w.layers, cfg.layers):
-        total += sum(p.nbytes for p in iter_params(lw.attention)) if lw.attention is not None else 0
-        total += lw.ffn_norm.nbytes
-        if spec.moe is None:
-            total += sum(p.nbytes for p in iter_params(lw.ffn))
-        else:
-            ffn = lw.ffn
-            total += ffn.router.nbytes + spec.moe.top_k * sum(p.nbytes for p in iter_params(ffn.experts[0]))
-            for extra in (ffn.shared, ffn.shared_gate, ffn.selection_bias):
-                total += sum(p.nbytes for p in iter_params(extra)) if extra is not None else 0
-    return int(total)
-
-
 class TimedKernels:
     """Kernels that add up the seconds spent in their calls (linear, expert, experts_topk: every call
     the forward pass makes), so a decode step splits into the kernels and the Python around them.
@@ -624,7 +605,7 @@ def main_decode(args: argparse.Namespace) -> int:
             model = load_model(path)
             if model.config != cfg:
                 raise InputError(f"{path}: the checkpoint's config is not the benchmark's")
-            per_token = bytes_per_token(model)
+            per_token = model_weight_bytes(model)
             for name, t in [("c", t) for t in threads] + [("numpy", max(threads))]:
                 if name == "c":
                     d, share = timed_decode(model, ckernels.CKernels(path=args.path, threads=t), bandwidth[t],

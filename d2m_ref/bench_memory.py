@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import resource
 import shutil
@@ -29,6 +28,7 @@ from . import cli
 from .config import parse_config
 from .errors import D2MError, InputError
 from .files import atomic_write_bytes, check_output
+from .roofline import bytes_per_token
 from .safetensors_io import SafetensorsFile
 from .weights import METADATA_CONFIG_KEY
 
@@ -72,30 +72,6 @@ def tiny_dense() -> dict:
 
 
 SHAPES = {"qwen2.5-3b": qwen25_3b_dense, "qwen2.5-0.5b": qwen25_05b_dense, "tiny": tiny_dense}
-
-
-def decode_bytes_per_token(cfg, context: int, storage_bytes: int = 2) -> int:
-    """Bytes a batch-1 decode step reads (REFERENCE roofline): attention projections of attention
-    layers, the chosen experts (top-k of each MoE) or the dense MLP, routers, norms, the LM head, one
-    embedding row, and the KV cache of `context` tokens (read in the compute dtype: here float32/64
-    is not counted, only storage; the cache is counted at `storage_bytes` per element as a backend
-    would hold it)."""
-    H, D, Nh, Nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    params = cfg.vocab_size * H + H  # LM head (tied or not: read once per token) + final norm
-    params += H  # one embedding row
-    kv = 0
-    for spec in cfg.layers:
-        params += H  # FFN norm
-        if spec.attention:
-            params += H + 2 * Nh * D * H + 2 * Nkv * D * H
-            kv += 2 * Nkv * D * context
-        if spec.moe is None:
-            params += 3 * H * spec.intermediate_size
-        else:
-            m = spec.moe
-            params += m.num_experts * H + m.top_k * 3 * H * m.intermediate_size
-            params += 3 * H * m.shared_expert_intermediate_size
-    return (params + kv) * storage_bytes
 
 
 def measure_bandwidth_gbps() -> float:
@@ -293,7 +269,7 @@ def bench_command(args: argparse.Namespace) -> int:
             size = weights.stat().st_size
             print(f"{args.shape} {layout}: {size / GiB:.2f} GiB bf16 checkpoint ready ({time.perf_counter() - t:.0f} s)")
             cfg = parse_config(cfg_dict)
-            bound = decode_bytes_per_token(cfg, args.prompt_tokens + args.decode_tokens) / (bandwidth * 1e9)
+            bound = bytes_per_token(cfg, "bf16", args.prompt_tokens + args.decode_tokens) / (bandwidth * 1e9)
             for dtype in dtypes:
                 r = run_child(weights, dtype, args.prompt_tokens, args.decode_tokens)
                 tv = time_v_trace(weights, dtype, args.prompt_tokens, work)
