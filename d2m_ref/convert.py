@@ -246,7 +246,7 @@ def copy_storage(p: Param) -> tuple[str, callable]:
 
 @dataclass(frozen=True)
 class Options:
-    top_k: int | str | None = None  # an int, "all", or None: §2.5's default
+    top_k: int | str = 1  # an int or "all" (§2.5)
     routed_scaling: float | None = None
     norm_topk_prob: bool = True
     router: str = "centroid"
@@ -337,7 +337,7 @@ def build(model: Model, plan: Plan, stats: dict | None, opts: Options) -> tuple[
         if plan.method == "lfuc" and i in fused:
             g = fused[i]
             E = len(g.layers)
-            K = E if opts.top_k == "all" else opts.top_k if opts.top_k is not None else default_top_k(E)
+            K = E if opts.top_k == "all" else opts.top_k
             scale = opts.routed_scaling if opts.routed_scaling is not None else float(K)
             copy_layer_part(g.attention, j, ("input_layernorm.", "self_attn."))
             ones_norm(j, src[f"model.layers.{i}.post_attention_layernorm.weight"])
@@ -360,7 +360,7 @@ def build(model: Model, plan: Plan, stats: dict | None, opts: Options) -> tuple[
         copy_layer_part(i, j, ("input_layernorm.", "self_attn.", "post_attention_layernorm."))
         if plan.method == "upcycle" and i in plan.upcycle:
             E = opts.experts
-            K = E if opts.top_k == "all" else opts.top_k if opts.top_k is not None else 1
+            K = E if opts.top_k == "all" else opts.top_k
             router_rows[j] = upcycle_router(E, H, i)
             router(j, src[f"model.layers.{i}.mlp.gate_proj.weight"])
             for e in range(E):
@@ -376,11 +376,6 @@ def build(model: Model, plan: Plan, stats: dict | None, opts: Options) -> tuple[
     if "lm_head.weight" in src:
         out.copy("lm_head.weight", src["lm_head.weight"])
     return new_config(model, plan, entries, opts), out
-
-
-def default_top_k(E: int) -> int:
-    """§2.5: half the group's experts, rounded up."""
-    return -(-E // 2)
 
 
 def new_config(model: Model, plan: Plan, entries: list[dict], opts: Options) -> dict:
@@ -453,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--remove-attention", type=int, metavar="N",
                         help="the budget: attention blocks to remove (lfuc: in groups of 2-4; prune: whole layers)")
     parser.add_argument("--plan", type=Path, metavar="plan.json", help="the plan itself (spec/convert.md §2.5)")
-    parser.add_argument("--top-k", type=top_k_option, metavar="K|all",
-                        help="experts per token (lfuc: half the group, rounded up; upcycle: 1)")
+    parser.add_argument("--top-k", type=top_k_option, default=1, metavar="K|all",
+                        help="experts per token (default 1; 'all': every expert)")
     parser.add_argument("--routed-scaling", type=float, metavar="S", help="routed_scaling_factor (lfuc: K; upcycle: 1)")
     parser.add_argument("--no-norm-topk-prob", action="store_true", help="keep the softmax probabilities unnormalised")
     parser.add_argument("--router", choices=ROUTERS, default="centroid", help="lfuc router init (default centroid)")

