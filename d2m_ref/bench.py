@@ -2,7 +2,8 @@
 the same run (memory bandwidth, NumPy, a peer).  Never used by tests to assert a time.
 
 Kinds: `gemv` and `decode` (kernels, d2m_ref/bench_kernels.py), `memory` (streaming forward at
-deployment sizes, d2m_ref/bench_memory.py).  Each kind's module has `main(argv)`, argv starting
+deployment sizes, d2m_ref/bench_memory.py), `convert` (calibrating and converting at deployment size,
+d2m_ref/bench_convert.py).  Each kind's module has `main(argv)`, argv starting
 with the kind; it runs under the same exit-status rules as run and trace (d2m_ref.cli).
 """
 
@@ -14,7 +15,8 @@ import sys
 from . import cli
 from .errors import InputError
 
-KINDS = {"gemv": "d2m_ref.bench_kernels", "decode": "d2m_ref.bench_kernels", "memory": "d2m_ref.bench_memory"}
+KINDS = {"gemv": "d2m_ref.bench_kernels", "decode": "d2m_ref.bench_kernels", "memory": "d2m_ref.bench_memory",
+         "convert": "d2m_ref.bench_convert"}
 
 
 def main(argv: list[str] | None = None) -> int:
