@@ -176,10 +176,21 @@ def plot(rows: list[dict], path: Path, fmt: str, device: str, force: bool) -> No
     except ImportError:
         raise InputError("--png needs matplotlib: pip install -e \".[convert]\"") from None
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    methods: dict[str, list[dict]] = {}
     for r in rows:
-        x, y = r["modelled"][fmt][device], r["perplexity"]
-        ax.scatter([x], [y])
-        ax.annotate(r["model"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        methods.setdefault(r["conversion"], []).append(r)
+    markers = {"dense": "*", "prune": "s", "lfuc": "o", "upcycle": "^"}
+    for method, rs in methods.items():
+        rs = sorted(rs, key=lambda r: r["modelled"][fmt][device])
+        xs, ys = [r["modelled"][fmt][device] for r in rs], [r["perplexity"] for r in rs]
+        ax.plot(xs, ys, marker=markers.get(method, "o"), markersize=9 if method == "dense" else 6,
+                linestyle="-" if len(rs) > 1 else "none", label=method)
+        for r, x, y in zip(rs, xs, ys):  # where points share an x, the higher one's label above, the others' below
+            near = [q["perplexity"] for q in rows if abs(q["modelled"][fmt][device] - x) <= 0.01 * x]
+            ax.annotate(r["model"], (x, y), textcoords="offset points", fontsize=7,
+                        xytext=(6, 6 if y >= max(near) else -12))
+    ax.legend(fontsize=8)
+    ax.set_title("untrained conversions (before any continual pre-training)", fontsize=9)
     ax.set_xlabel(f"modelled decode ms/token ({device}, {fmt})")
     ax.set_ylabel("held-out perplexity")
     ax.set_yscale("log")
