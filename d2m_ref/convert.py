@@ -2,7 +2,8 @@
 the two baselines (layer pruning, sparse upcycling), without training.
 
     python -m d2m_ref.convert --weights DENSE --method lfuc|prune|upcycle
-        (--stats stats.json | --text FILE [--tokens N]) [--remove-attention N] [--plan plan.json]
+        (--stats stats.json | --text FILE [--tokens N])
+        (--remove-attention N | --latency-budget MS [--device D] [--format F] [--context C] | --plan plan.json)
         [--top-k K] [--routed-scaling S] [--no-norm-topk-prob] [--router centroid|zero]
         [--keep-attention first|last|strongest] [--experts E] --out DIR [--force]
 
@@ -28,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import roofline
 from .calibrate import add_text_options, read_stats, stats_from_text
+from .config import parse_config
 from .errors import InputError, OutputExistsError
 from .quant import canonical_params, is_quantized
 from .safetensors_io import save_streaming
@@ -447,7 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_text_options(parser, required=False)
     parser.add_argument("--remove-attention", type=int, metavar="N",
                         help="the budget: attention blocks to remove (lfuc: in groups of 2-4; prune: whole layers)")
-    parser.add_argument("--plan", type=Path, metavar="plan.json", help="the plan itself (spec/convert.md §2.5)")
+    parser.add_argument("--latency-budget", type=float, metavar="MS",
+                        help="instead of --remove-attention: the fewest removals whose modelled decode ms/token "
+                             "(spec/roofline.md) on --device in --format at --context is at most MS")
+    parser.add_argument("--device", choices=[d.name for d in roofline.DEVICES], default="orin-agx-64")
+    parser.add_argument("--format", choices=tuple(roofline.FORMAT_STORAGE), default="bf16",
+                        help="weight format of the latency budget (default bf16)")
+    parser.add_argument("--context", type=int, default=1024, metavar="C", help="context of the latency budget")
+    parser.add_argument("--plan", type=Path, metavar="plan.json", help="the plan itself (spec/convert.md §2.6)")
     parser.add_argument("--top-k", type=top_k_option, default=1, metavar="K|all",
                         help="experts per token (default 1; 'all': every expert)")
     parser.add_argument("--routed-scaling", type=float, metavar="S", help="routed_scaling_factor (lfuc: K; upcycle: 1)")
@@ -499,10 +509,46 @@ def choose_plan(args: argparse.Namespace, model: Model, stats: dict | None) -> P
                 reason=f"least angular distance removing {args.remove_attention} attentions")
 
 
+def modelled_ms(config: dict, args: argparse.Namespace) -> float:
+    """spec/roofline.md: the modelled decode ms/token of a config on --device in --format at --context."""
+    device = next(d for d in roofline.DEVICES if d.name == args.device)
+    nbytes = roofline.bytes_per_token(parse_config(config, "the converted config"), args.format, args.context)
+    return roofline.ms_per_token(nbytes, device.bandwidth_gbps)
+
+
+def plan_for_latency(args: argparse.Namespace, model: Model, stats: dict | None, opts: Options) -> Plan:
+    """§2.1: the smallest --remove-attention whose converted model's modelled decode time meets
+    --latency-budget; InputError when the dense model already does or no budget the method allows does."""
+    budget, where = args.latency_budget, f"{args.device}, {args.format}, context {args.context}"
+    dense = modelled_ms(model.config.source, args)
+    if dense <= budget:
+        raise InputError(f"--latency-budget {budget} ms: the dense model already takes {dense:.3f} ms ({where})")
+    n, best = 1, dense
+    while True:
+        args.remove_attention = n
+        try:
+            plan = choose_plan(args, model, stats)
+        except InputError as exc:
+            if n == 1:
+                raise
+            raise InputError(f"--latency-budget {budget} ms cannot be met ({where}): removing {n - 1} attention "
+                             f"blocks, the most {args.method} can, gives {best:.3f} ms") from exc
+        best = modelled_ms(build(model, plan, stats, opts)[0], args)
+        if best <= budget:
+            return Plan(plan.method, plan.groups, plan.drop, plan.upcycle,
+                        f"{plan.reason}: the fewest that meet {budget} ms ({best:.3f} ms, {where})")
+        n += 1
+
+
 def run(args: argparse.Namespace) -> int:
     from .cli import load_model_checked
     if args.stats is not None and args.text is not None:
         raise InputError("give --stats or --text, not both")
+    if args.latency_budget is not None and (args.remove_attention is not None or args.plan is not None
+                                            or args.method == "upcycle"):
+        raise InputError("--latency-budget chooses --remove-attention for lfuc or prune: give one budget, no --plan")
+    if args.latency_budget is not None and args.latency_budget <= 0:
+        raise InputError(f"--latency-budget {args.latency_budget}: a positive number of milliseconds")
     if args.experts < 1:
         raise InputError(f"--experts {args.experts}: give a positive number")
     model = load_model_checked(args)
@@ -516,12 +562,14 @@ def run(args: argparse.Namespace) -> int:
             stats_from = {"text": args.text.name, "text_sha256": stats["text"]["sha256"], "tokens": stats["tokens"]}
         else:
             stats, stats_from = None, {}
-        plan = choose_plan(args, model, stats)
         opts = Options(top_k=args.top_k, routed_scaling=args.routed_scaling, norm_topk_prob=not args.no_norm_topk_prob,
                        router=args.router, keep_attention=args.keep_attention, experts=args.experts,
                        extra={"calibration": stats_from, "router": args.router if args.method == "lfuc" else None})
+        if args.latency_budget is not None:
+            plan = plan_for_latency(args, model, stats, opts)
+        else:
+            plan = choose_plan(args, model, stats)
         config, writer = build(model, plan, stats, opts)
-        from .config import parse_config
         parse_config(config, "the converted config")  # what we write must load
         write_folder(args.out, args.force, config, writer, source_tokenizer(args, model))
     finally:

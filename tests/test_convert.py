@@ -3,7 +3,6 @@ the plan search against brute force, the conversion's exactness, determinism and
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from hypothesis import strategies as st
 
 from d2m_ref import calibrate as cal
 from d2m_ref import convert as conv
+from d2m_ref import roofline
 from d2m_ref.config import parse_config
 from d2m_ref.demo import byte_tokenizer
 from d2m_ref.errors import InputError
@@ -21,6 +21,7 @@ from d2m_ref.model import attention, forward, mlp, Runtime
 from d2m_ref.ops import rms_norm, rope_cos_sin, rope_inv_freq
 from d2m_ref.kernels import default_kernels
 from d2m_ref.model import KVCache
+from d2m_ref.safetensors_io import SafetensorsFile
 from d2m_ref.synth import write_checkpoint
 from d2m_ref.weights import METADATA_CONFIG_KEY, load_model
 from tests.models import dense_config
@@ -345,3 +346,30 @@ def test_convert_calibrates_itself_from_text(dense_dir, tmp_path):
                    "--window", "150", "--remove-attention", "1", "--quiet") == 0
     conversion = json.loads((out / "config.json").read_text())["conversion"]
     assert conversion["calibration"]["tokens"] == 300 and conversion["removed_attention"] == 1
+
+
+def test_a_latency_budget_takes_the_fewest_removals_that_meet_it(dense_dir, tmp_path, stats, capsys):
+    """The modelled ms of the dense model and of 1, 2, 3 removals; a budget between those of 1 and 2
+    removals gives 2; one below 3 (the most: layers 1..4 in one group) cannot be met."""
+    stats_path = tmp_path / "stats.json"
+    stats_path.write_text(json.dumps(stats))
+    ms = []
+    for n in (1, 2, 3):
+        out = tmp_path / f"n{n}"
+        assert convert(dense_dir, out, "--method", "lfuc", "--stats", str(stats_path), "--remove-attention", str(n)) == 0
+        ms.append(roofline.ms_per_token(roofline.bytes_per_token(load_model(out).config, "bf16", 1024), 204.8))
+    assert ms[0] > ms[1] > ms[2]
+    out = tmp_path / "budget"
+    assert convert(dense_dir, out, "--method", "lfuc", "--stats", str(stats_path),
+                   "--latency-budget", str((ms[0] + ms[1]) / 2)) == 0
+    conversion = json.loads((out / "config.json").read_text())["conversion"]
+    assert conversion["removed_attention"] == 2 and "the fewest that meet" in conversion["chosen_by"]
+    with SafetensorsFile(out / "model.safetensors") as a, SafetensorsFile(tmp_path / "n2" / "model.safetensors") as b:
+        assert a.names() == b.names() and all(np.array_equal(a.raw(n), b.raw(n)) for n in a.names())
+    capsys.readouterr()
+    assert convert(dense_dir, tmp_path / "x", "--method", "lfuc", "--stats", str(stats_path),
+                   "--latency-budget", str(ms[2] * 0.99)) == 2
+    assert "cannot be met" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert convert(dense_dir, tmp_path / "x", "--method", "prune", "--stats", str(stats_path),
+                   "--latency-budget", "1000") == 2
+    assert "the dense model already takes" in capsys.readouterr().err
