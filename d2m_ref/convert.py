@@ -236,13 +236,6 @@ def stored(x: np.ndarray, storage: str, name: str) -> np.ndarray:
     return out
 
 
-def copy_storage(p: Param) -> tuple[str, callable]:
-    """(storage, produce) writing a source tensor unchanged; GGUF block types as F32, as import_gguf does."""
-    if p.storage.startswith("GGUF_"):
-        return "F32", lambda: np.ascontiguousarray(p.load(np.float32))
-    return p.storage, p.raw
-
-
 # ---------------------------------------------------------------------------------------------
 # The converted model
 
@@ -270,115 +263,126 @@ def check_source(model: Model) -> None:
                              "then quantize the result")
 
 
-class Writer:
-    """Collects (name, storage, shape, produce) of the output tensors in output order."""
+def float_storage(p: Param) -> str:
+    """The storage a tensor computed from `p` is written in: its own, F32 for GGUF block types."""
+    return "F32" if p.storage.startswith("GGUF_") else p.storage
 
-    def __init__(self):
+
+class Builder:
+    """The converted model, layer by layer: `specs` (name, storage, shape) of the output tensors in
+    order and `produce[name]()` their storage arrays (called once, while writing: spec §2.7), and
+    the `layer_plan` entries."""
+
+    def __init__(self, model: Model, stats: dict | None, opts: Options):
+        self.cfg, self.src = model.config, dict(canonical_params(model))
+        self.stats, self.opts = stats, opts
         self.specs: list[tuple[str, str, tuple[int, ...]]] = []
-        self.produce: dict[str, callable] = {}
+        self.produce: dict = {}
+        self.entries: list[dict] = []
 
-    def copy(self, name: str, p: Param) -> None:
-        storage, produce = copy_storage(p)
-        self.add(name, storage, p.shape, produce)
-
+    # -- tensors ------------------------------------------------------------------------------
     def add(self, name: str, storage: str, shape: tuple[int, ...], produce) -> None:
         self.specs.append((name, storage, tuple(shape)))
         self.produce[name] = produce
 
+    def copy(self, name: str, p: Param) -> None:
+        """A source tensor unchanged (GGUF block types as F32, as import_gguf writes them)."""
+        if p.storage.startswith("GGUF_"):
+            self.add(name, "F32", p.shape, lambda: np.ascontiguousarray(p.load(np.float32)))
+        else:
+            self.add(name, p.storage, p.shape, p.raw)
 
-def float_storage(p: Param) -> str:
-    return "F32" if p.storage.startswith("GGUF_") else p.storage
+    def computed(self, name: str, like: Param, shape: tuple[int, ...], value) -> None:
+        """A tensor computed in float64 by value(), stored like `like`."""
+        storage = float_storage(like)
+        self.add(name, storage, shape, lambda: stored(value(), storage, name))
 
-
-def build(model: Model, plan: Plan, stats: dict | None, opts: Options) -> tuple[dict, Writer]:
-    """(config dict, tensor writer) of the converted model."""
-    cfg, src = model.config, dict(canonical_params(model))
-    L, H = cfg.num_hidden_layers, cfg.hidden_size
-    out, entries = Writer(), []
-
-    def copy_layer_part(i: int, j: int, parts: tuple[str, ...]) -> None:
-        for name in src:
-            prefix = f"model.layers.{i}."
+    def copy_layer(self, i: int, j: int, parts: tuple[str, ...]) -> None:
+        """Source layer i's tensors whose names (after the layer prefix) start with `parts`, as layer j's."""
+        prefix = f"model.layers.{i}."
+        for name, p in self.src.items():
             if name.startswith(prefix) and name[len(prefix):].startswith(parts):
-                out.copy(f"model.layers.{j}." + name[len(prefix):], src[name])
+                self.copy(f"model.layers.{j}." + name[len(prefix):], p)
 
-    def moe_entry(E: int, sources: list[int], attention: int | None, K: int, scale: float, norm: bool) -> dict:
+    def moe_entry(self, sources: list[int], attention: int, scale) -> dict:
+        """A layer_plan entry (§2.5); scale(K): the routed_scaling_factor unless --routed-scaling gives one."""
+        E = len(sources)
+        K = E if self.opts.top_k == "all" else self.opts.top_k
         if not 1 <= K <= E:
             raise InputError(f"--top-k {K}: a layer of {E} experts takes 1..{E}")
-        e = {"attention": attention is not None, "ffn": "moe", "num_experts": E, "num_experts_per_tok": K,
-             "moe_intermediate_size": cfg.layers[sources[0]].intermediate_size, "scoring_func": "softmax",
-             "norm_topk_prob": norm, "routed_scaling_factor": scale, "source_layers": sources}
-        if attention is not None:
-            e["attention_source"] = attention
-        return e
+        return {"attention": True, "ffn": "moe", "num_experts": E, "num_experts_per_tok": K,
+                "moe_intermediate_size": self.cfg.layers[sources[0]].intermediate_size, "scoring_func": "softmax",
+                "norm_topk_prob": self.opts.norm_topk_prob,
+                "routed_scaling_factor": self.opts.routed_scaling if self.opts.routed_scaling is not None else scale(K),
+                "source_layers": sources, "attention_source": attention}
 
-    def ones_norm(j: int, like: Param) -> None:
-        storage = float_storage(like)
-        out.add(f"model.layers.{j}.post_attention_layernorm.weight", storage, (H,),
-                lambda s=storage: stored(np.ones(H), s, "post_attention_layernorm"))
-
-    def folded_expert(j: int, e: int, i: int) -> None:
-        norm = src[f"model.layers.{i}.post_attention_layernorm.weight"]
-        for proj in ("gate_proj", "up_proj"):
-            p = src[f"model.layers.{i}.mlp.{proj}.weight"]
-            name = f"model.layers.{j}.mlp.experts.{e}.{proj}.weight"
-            out.add(name, float_storage(p), p.shape,
-                    lambda p=p, name=name: stored(fold_norm(p.load(np.float64), norm.load(np.float64)),
-                                                      float_storage(p), name))
-        out.copy(f"model.layers.{j}.mlp.experts.{e}.down_proj.weight", src[f"model.layers.{i}.mlp.down_proj.weight"])
-
-    def router(j: int, like: Param) -> None:
-        storage, rows = float_storage(like), router_rows[j]
-        out.add(f"model.layers.{j}.mlp.gate.weight", storage, rows.shape,
-                lambda: stored(rows, storage, f"model.layers.{j}.mlp.gate.weight"))
-
-    router_rows: dict[int, np.ndarray] = {}
-    out.copy("model.embed_tokens.weight", src["model.embed_tokens.weight"])
-    fused = {g.layers[0]: g for g in plan.groups}
-    i = j = 0
-    while i < L:
-        if plan.method == "lfuc" and i in fused:
-            g = fused[i]
-            E = len(g.layers)
-            K = E if opts.top_k == "all" else opts.top_k
-            scale = opts.routed_scaling if opts.routed_scaling is not None else float(K)
-            copy_layer_part(g.attention, j, ("input_layernorm.", "self_attn."))
-            ones_norm(j, src[f"model.layers.{i}.post_attention_layernorm.weight"])
-            if opts.router == "centroid":
-                if stats is None:
-                    raise InputError("the centroid router reads calibration statistics: give --stats or --text "
-                                     "(or --router zero)")
-                router_rows[j] = centroid_router(np.asarray(stats["ffn_input_centroids"], np.float64)[list(g.layers)])
-            else:
-                router_rows[j] = np.zeros((E, H))
-            router(j, src[f"model.layers.{i}.mlp.gate_proj.weight"])
-            for e, s in enumerate(g.layers):
-                folded_expert(j, e, s)
-            entries.append(moe_entry(E, list(g.layers), g.attention, K, scale, opts.norm_topk_prob))
-            i, j = i + E, j + 1
-            continue
-        if plan.method == "prune" and i in plan.drop:
-            i += 1
-            continue
-        copy_layer_part(i, j, ("input_layernorm.", "self_attn.", "post_attention_layernorm."))
-        if plan.method == "upcycle" and i in plan.upcycle:
-            E = opts.experts
-            K = E if opts.top_k == "all" else opts.top_k
-            router_rows[j] = upcycle_router(E, H, i)
-            router(j, src[f"model.layers.{i}.mlp.gate_proj.weight"])
-            for e in range(E):
-                for proj in ("gate_proj", "up_proj", "down_proj"):
-                    out.copy(f"model.layers.{j}.mlp.experts.{e}.{proj}.weight", src[f"model.layers.{i}.mlp.{proj}.weight"])
-            scale = opts.routed_scaling if opts.routed_scaling is not None else 1.0
-            entries.append(moe_entry(E, [i] * E, i, K, scale, opts.norm_topk_prob))
+    # -- layers ---------------------------------------------------------------------------------
+    def fused(self, g: Group, j: int) -> None:
+        """§2.2–2.5: one layer from a group."""
+        src, H = self.src, self.cfg.hidden_size
+        first = f"model.layers.{g.layers[0]}."
+        self.copy_layer(g.attention, j, ("input_layernorm.", "self_attn."))
+        self.computed(f"model.layers.{j}.post_attention_layernorm.weight", src[first + "post_attention_layernorm.weight"],
+                      (H,), lambda: np.ones(H))
+        if self.opts.router == "centroid":
+            if self.stats is None:
+                raise InputError("the centroid router reads calibration statistics: give --stats or --text "
+                                 "(or --router zero)")
+            rows = centroid_router(np.asarray(self.stats["ffn_input_centroids"], np.float64)[list(g.layers)])
         else:
-            copy_layer_part(i, j, ("mlp.",))
-            entries.append({"attention": True, "ffn": "dense", "source_layers": [i], "attention_source": i})
-        i, j = i + 1, j + 1
-    out.copy("model.norm.weight", src["model.norm.weight"])
-    if "lm_head.weight" in src:
-        out.copy("lm_head.weight", src["lm_head.weight"])
-    return new_config(model, plan, entries, opts), out
+            rows = np.zeros((len(g.layers), H))
+        self.computed(f"model.layers.{j}.mlp.gate.weight", src[first + "mlp.gate_proj.weight"], rows.shape, lambda: rows)
+        for e, i in enumerate(g.layers):
+            norm = src[f"model.layers.{i}.post_attention_layernorm.weight"]
+            for proj in ("gate_proj", "up_proj"):
+                p = src[f"model.layers.{i}.mlp.{proj}.weight"]
+                self.computed(f"model.layers.{j}.mlp.experts.{e}.{proj}.weight", p, p.shape,
+                              lambda p=p, norm=norm: fold_norm(p.load(np.float64), norm.load(np.float64)))
+            self.copy(f"model.layers.{j}.mlp.experts.{e}.down_proj.weight", src[f"model.layers.{i}.mlp.down_proj.weight"])
+        self.entries.append(self.moe_entry(list(g.layers), g.attention, lambda K: float(K)))
+
+    def upcycled(self, i: int, j: int) -> None:
+        """§4: layer i with its MLP copied into E experts."""
+        E, H, src = self.opts.experts, self.cfg.hidden_size, self.src
+        self.copy_layer(i, j, ("input_layernorm.", "self_attn.", "post_attention_layernorm."))
+        rows = upcycle_router(E, H, i)
+        self.computed(f"model.layers.{j}.mlp.gate.weight", src[f"model.layers.{i}.mlp.gate_proj.weight"], rows.shape,
+                      lambda: rows)
+        for e in range(E):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                self.copy(f"model.layers.{j}.mlp.experts.{e}.{proj}.weight", src[f"model.layers.{i}.mlp.{proj}.weight"])
+        self.entries.append(self.moe_entry([i] * E, i, lambda K: 1.0))
+
+    def kept(self, i: int, j: int) -> None:
+        """Layer i as it is."""
+        self.copy_layer(i, j, ("input_layernorm.", "self_attn.", "post_attention_layernorm.", "mlp."))
+        self.entries.append({"attention": True, "ffn": "dense", "source_layers": [i], "attention_source": i})
+
+
+def build(model: Model, plan: Plan, stats: dict | None, opts: Options) -> tuple[dict, Builder]:
+    """(config dict, Builder holding the tensors) of the converted model: embeddings, the layers in
+    order (a group fused where it starts, dropped layers skipped), final norm, LM head if untied."""
+    b = Builder(model, stats, opts)
+    b.copy("model.embed_tokens.weight", b.src["model.embed_tokens.weight"])
+    fused = {g.layers[0]: g for g in plan.groups}
+    i = 0
+    while i < model.config.num_hidden_layers:
+        j = len(b.entries)
+        if i in fused:
+            b.fused(fused[i], j)
+            i += len(fused[i].layers)
+            continue
+        if i in plan.drop:
+            pass
+        elif i in plan.upcycle:
+            b.upcycled(i, j)
+        else:
+            b.kept(i, j)
+        i += 1
+    b.copy("model.norm.weight", b.src["model.norm.weight"])
+    if "lm_head.weight" in b.src:
+        b.copy("lm_head.weight", b.src["lm_head.weight"])
+    return new_config(model, plan, b.entries, opts), b
 
 
 def new_config(model: Model, plan: Plan, entries: list[dict], opts: Options) -> dict:
@@ -396,7 +400,7 @@ def new_config(model: Model, plan: Plan, entries: list[dict], opts: Options) -> 
 # Output folder
 
 
-def write_folder(out: Path, force: bool, config: dict, writer: Writer, tokenizer: Path | None) -> None:
+def write_folder(out: Path, force: bool, config: dict, writer: Builder, tokenizer: Path | None) -> None:
     """config.json, model.safetensors and tokenizer.json written in a temporary folder beside `out`,
     then moved into place; on any failure the temporary folder goes and `out` is as it was."""
     out = Path(out)
