@@ -11,7 +11,7 @@ spec/convert.md is the method, every choice and its reason (ours, never claimed 
 functions below follow it section by section.  The output folder gets config.json (model_type
 dense2moe with a `layer_plan`, or the source family for `prune`; `conversion` records the method,
 the plan and the options), model.safetensors (written tensor by tensor: memory is one tensor, spec
-§2.6) and the source's tokenizer.json.  Everything is written in a temporary folder beside DIR and
+§2.7) and the source's tokenizer.json.  Everything is written in a temporary folder beside DIR and
 moved into place at the end, so a failed conversion leaves nothing behind.
 """
 
@@ -146,7 +146,7 @@ def prune_layers(stats: dict, L: int, remove: int, keep_ends: bool = True) -> tu
 
 
 def plan_from_file(path: Path, L: int) -> Plan:
-    """A --plan JSON file, checked against a model of L layers (spec/convert.md §2.5)."""
+    """A --plan JSON file, checked against a model of L layers (spec/convert.md §2.6)."""
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -386,7 +386,7 @@ def build(model: Model, plan: Plan, stats: dict | None, opts: Options) -> tuple[
 
 
 def new_config(model: Model, plan: Plan, entries: list[dict], opts: Options) -> dict:
-    """§2.6: the source config with the new layer count; dense2moe with its layer_plan unless pruned."""
+    """§2.7: the source config with the new layer count; dense2moe with its layer_plan unless pruned."""
     source = {k: v for k, v in model.config.source.items() if k not in ("architectures", "layer_plan")}
     conversion = {"method": plan.method, "plan": plan.as_dict(), "chosen_by": plan.reason,
                   "removed_attention": plan.removed_attention(), **opts.extra}
