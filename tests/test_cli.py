@@ -20,7 +20,7 @@ from d2m_ref.generate import generate
 from d2m_ref.safetensors_io import save
 from d2m_ref.errors import TraceError
 from d2m_ref.tracefile import TRACE_FORMAT, read_trace
-from d2m_ref.kernels import c_kernels_available, kernels_for
+from d2m_ref.kernel_choice import c_kernels_available, kernels_for
 from d2m_ref import check, run, trace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -363,6 +363,68 @@ def test_arrows_point_down():
             if target in upward and target != module:
                 found.add((module, target))
     assert found == set(), f"upward imports: {sorted(found)}"
+
+
+def import_graph(root: Path = REPO) -> dict[str, set[str]]:
+    """module -> the package modules it imports, anywhere in its text (function-level imports count:
+    a circle hidden in a function is still a circle)."""
+    modules = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in sorted((root / "d2m_ref").rglob("*.py"))}
+    graph = {}
+    for module, path in modules.items():
+        targets = set()
+        for name in imported_modules(path):
+            parts = name.split(".")
+            for k in range(len(parts), 1, -1):  # the longest prefix that is a module
+                if ".".join(parts[:k]) in modules:
+                    targets.add(".".join(parts[:k]))
+                    break
+        graph[module] = targets - {module, "d2m_ref"}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import circle, each once, as the modules around it (Tarjan's strongly connected components
+    of more than one module)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles():
+    assert circles(import_graph()) == []
+
+
+def test_a_circle_is_found():
+    """The detector itself: a circle added to the real graph (model -> check) is reported."""
+    graph = import_graph()
+    assert "d2m_ref.model" in graph["d2m_ref.check"]
+    graph["d2m_ref.model"] = graph["d2m_ref.model"] | {"d2m_ref.check"}
+    assert any({"d2m_ref.model", "d2m_ref.check"} <= set(c) for c in circles(graph))
 
 
 # ---------------------------------------------------------------------------------------------

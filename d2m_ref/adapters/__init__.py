@@ -16,28 +16,15 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import D2MError, WeightsError
+from ..errors import WeightsError
 from ..safetensors_io import SafetensorsFile, to_float
+from .candidate import Candidate, CandidateError
 
-
-class CandidateError(D2MError):
-    """A candidate file or name map cannot be read, or names a tensor twice."""
-
-
-@dataclass
-class Candidate:
-    """A backend's tensors: float arrays in their stored precision (bf16 widened to float32, exactly),
-    integer arrays as int64; `dtype_hint` is the precision the file says it computed in, if it says."""
-
-    tensors: dict[str, np.ndarray]
-    source: str
-    dtype_hint: str | None = None
-    notes: list[str] = field(default_factory=list)
+__all__ = ["Candidate", "CandidateError", "load_candidate", "name_map", "apply_map"]
 
 
 _STORED_PRECISION = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import Candidate, CandidateError
+from .candidate import Candidate, CandidateError
 
 _PRECISION = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import Candidate, CandidateError
+from .candidate import Candidate, CandidateError
 from .npz import from_arrays
 
 
