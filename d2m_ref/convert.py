@@ -33,11 +33,11 @@ from . import roofline
 from .calibrate import add_text_options, read_stats, stats_from_text
 from .config import parse_config
 from .errors import InputError, OutputExistsError
-from .quant import canonical_params, is_quantized
+from .quant import is_quantized
 from .safetensors_io import save_streaming
 from .synth import to_storage
 from .tokenizer import tokenizer_beside
-from .weights import METADATA_CONFIG_KEY, Model, Param
+from .weights import METADATA_CONFIG_KEY, Model, Param, canonical_params
 
 METHODS = ("lfuc", "prune", "upcycle")
 DENSE_FAMILIES = ("llama", "qwen2", "qwen3")  # what a Dense2MoE model's base_model_type may be

@@ -21,10 +21,9 @@ import numpy as np
 
 from .errors import InputError
 from .files import atomic_write_bytes, refuse_existing, same_file
-from .gguf_io import GGUFFile, gguf_config, gguf_tokenizer
-from .quant import canonical_params
+from .gguf_io import gguf_config, gguf_tokenizer
 from .safetensors_io import save_streaming
-from .weights import Model, load_model
+from .weights import Model, canonical_params, load_model
 
 PROG = "python -m d2m_ref.import_gguf"
 OUTPUTS = ("config.json", "model.safetensors", "tokenizer.json")

@@ -234,57 +234,11 @@ def should_quantize(name: str) -> bool:
     return name.endswith(QUANTIZED_SUFFIXES)
 
 
-def canonical_params(model) -> list:
-    """(canonical checkpoint name, Param) for every tensor of the model, in the naming d2m_ref
-    writes (spec/format.md §1: per-expert MoE tensors, no lm_head when tied), whatever layout the
-    model was loaded from."""
-    from .weights import Param, _bind, _Recorder  # weights imports this module: import when called
-    canonical = _bind(_Recorder(), model.config)  # the same structure, Params named canonically
-    seen: dict[str, Param] = {}
-
-    def walk(real, named):
-        if isinstance(real, Param):
-            yield named.name, real
-        elif isinstance(real, tuple):
-            for r, n in zip(real, named):
-                yield from walk(r, n)
-        elif real is not None and hasattr(real, "__dataclass_fields__"):
-            for f in real.__dataclass_fields__:
-                yield from walk(getattr(real, f), getattr(named, f))
-
-    for name, p in walk(model.weights, canonical):
-        seen.setdefault(name, p)  # a tied LM head is the embedding: written once
-    return list(seen.items())
-
-
 def quantize_param(name: str, p, storage: str) -> tuple[np.ndarray, np.ndarray]:
     """A float Param -> (values, scales) of `storage`; an error for a Param already quantised."""
     if is_quantized(p.storage):
         raise WeightsError(f"{name} is already quantised ({p.storage}): quantise from the float checkpoint")
     return quantize(p.load(np.float64), storage, what=name)
-
-
-def quantize_model(model, storage: str):
-    """An in-memory copy of `model` (a weights.Model) with the tensors of §5 quantised to `storage`."""
-    from .weights import Model, Param
-    if not is_quantized(storage):
-        raise ValueError(f"{storage!r} is not a quantised storage ({', '.join(STORAGE)})")
-    replaced: dict = {}
-    for name, p in canonical_params(model):
-        if should_quantize(name):
-            q, s = quantize_param(name, p, storage)
-            replaced[id(p)] = Param.quantized(name, storage, p.shape, q, s)
-
-    def rebuild(obj):
-        if isinstance(obj, Param):
-            return replaced.get(id(obj), obj)
-        if isinstance(obj, tuple):
-            return tuple(rebuild(o) for o in obj)
-        if obj is not None and hasattr(obj, "__dataclass_fields__"):
-            return type(obj)(**{f: rebuild(getattr(obj, f)) for f in obj.__dataclass_fields__})
-        return obj
-
-    return Model(model.config, rebuild(model.weights), model.checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ from . import quant
 from .errors import WeightsError
 from .files import refuse_existing
 from .safetensors_io import save_streaming
-from .quant import canonical_params, quantize_param, should_quantize
-from .weights import METADATA_CONFIG_KEY, Model, Param, load_model
+from .quant import quantize_param, should_quantize
+from .weights import METADATA_CONFIG_KEY, Model, Param, canonical_params, load_model, map_params
 
 CACHE_BYTES = 1 << 30  # quantised tensors kept between writing their scales and their values
 
@@ -74,6 +74,22 @@ def write_quantized(model: Model, storage: str, fmt: str, out: Path, force: bool
                 quant.METADATA_KEY: quant.metadata_value(storage, fmt, command)}
     save_streaming(out, specs, lambda n: producers[n](), metadata=metadata, force=force)
     return summary
+
+
+def quantize_model(model: Model, storage: str) -> Model:
+    """An in-memory copy of `model` with the tensors of spec/quant.md §5 quantised to `storage`."""
+    if not quant.is_quantized(storage):
+        raise ValueError(f"{storage!r} is not a quantised storage ({', '.join(quant.STORAGE)})")
+    names = {id(p): name for name, p in canonical_params(model)}
+
+    def quantized(p: Param) -> Param:
+        name = names[id(p)]
+        if not should_quantize(name):
+            return p
+        q, s = quantize_param(name, p, storage)
+        return Param.quantized(name, storage, p.shape, q, s)
+
+    return Model(model.config, map_params(model.weights, quantized), model.checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------

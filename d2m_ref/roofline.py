@@ -108,7 +108,7 @@ def weight_bytes(cfg: ModelConfig, fmt: str) -> int:
 
 def model_weight_bytes(model) -> int:
     """§1 for a loaded model: the same tensors, at the bytes its checkpoint actually stores them in."""
-    from .quant import canonical_params
+    from .weights import canonical_params
     stored = {name: p.nbytes for name, p in canonical_params(model)}
     vocab = model.config.vocab_size
     total = 0

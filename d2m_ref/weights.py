@@ -522,6 +522,28 @@ def map_params(w, fn: Callable[[Param], Param]):
     return walk(w)
 
 
+def canonical_params(model: "Model") -> list[tuple[str, Param]]:
+    """(canonical checkpoint name, Param) for every tensor of the model, in the naming d2m_ref
+    writes (spec/format.md §1: per-expert MoE tensors, no lm_head when tied), whatever layout the
+    model was loaded from."""
+    canonical = _bind(_Recorder(), model.config)  # the same structure, Params named canonically
+    seen: dict[str, Param] = {}
+
+    def walk(real, named):
+        if isinstance(real, Param):
+            yield named.name, real
+        elif isinstance(real, tuple):
+            for r, n in zip(real, named):
+                yield from walk(r, n)
+        elif real is not None and hasattr(real, "__dataclass_fields__"):
+            for f in real.__dataclass_fields__:
+                yield from walk(getattr(real, f), getattr(named, f))
+
+    for name, p in walk(model.weights, canonical):
+        seen.setdefault(name, p)  # a tied LM head is the embedding: written once
+    return list(seen.items())
+
+
 def iter_params(w: ModelWeights) -> Iterator[Param]:
     """Every distinct Param of the model once (the tied LM head is not counted twice)."""
     found: list[Param] = []

@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 
 import d2m_ref
 from d2m_ref import ckernels, quant
-from d2m_ref.kernels import NumpyKernels, experts_topk_loop, kernels_for
+from d2m_ref.kernel_choice import kernels_for
+from d2m_ref.kernels import NumpyKernels, experts_topk_loop
 from d2m_ref.ops import silu
 from d2m_ref.synth import random_model, to_storage
 from d2m_ref.weights import MLPWeights, Param
@@ -405,7 +406,7 @@ def test_forward_float32_close_to_numpy_and_float64_is_the_oracle(storage):
     cfg = d2m_ref.parse_config(dense2moe_config(PLAN, base="qwen2", hidden=64, width=96))
     model = random_model(cfg, seed=5, storage="BF16" if quant.is_quantized(storage) else storage)
     if quant.is_quantized(storage):
-        from d2m_ref.quant import quantize_model
+        from d2m_ref.quantize import quantize_model
         model = quantize_model(model, storage)
     ids = np.arange(6) * 11 % cfg.vocab_size
     c = kernels(PATHS[0], 2)

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 import d2m_ref
 from d2m_ref import quant
 from d2m_ref.errors import OutputExistsError, WeightsError
-from d2m_ref.quant import canonical_params, quantize_model, should_quantize
+from d2m_ref.quant import should_quantize
+from d2m_ref.quantize import quantize_model
+from d2m_ref.weights import canonical_params
 from d2m_ref.quantize import main as quantize_main
 from d2m_ref.safetensors_io import SafetensorsFile, save
 from d2m_ref.synth import random_model, write_checkpoint
