@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import D2MError, InputError
 from .gguf_io import GGUFFile, gguf_tokenizer
-from .kernels import KERNEL_NAMES, c_kernels_available, kernels_for
+from .kernel_choice import KERNEL_NAMES, c_kernels_available, kernels_for
 from .tokenizer import Tokenizer, load_tokenizer, parse_token_ids, tokenizer_beside
 from .weights import Model, load_model
 

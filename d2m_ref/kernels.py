@@ -6,7 +6,7 @@ the compute dtype and a weight in its storage format, and returns activations in
 dtype.  `NumpyKernels` is the reference: it converts the weight (a block of rows at a time for
 big matrices, spec §6) to the compute dtype, multiplies with NumPy, and drops the converted copy.
 `CKernels` (d2m_ref/ckernels.py, spec/kernels.md) runs float32 compute on the C extension;
-`kernels_for("c" | "numpy")` picks one.
+`d2m_ref.kernel_choice.kernels_for("c" | "numpy")` picks one.
 """
 
 from __future__ import annotations
@@ -79,27 +79,3 @@ def experts_topk_loop(kernels, x: np.ndarray, experts, topk_ids: np.ndarray, top
 def default_kernels() -> NumpyKernels:
     """The kernel set used when none is given."""
     return NumpyKernels()
-
-
-KERNEL_NAMES = ("c", "numpy")
-
-
-def c_kernels_available() -> bool:
-    """Whether the C extension was built (d2m_ref.ckernels)."""
-    from . import ckernels
-    return ckernels.available()
-
-
-def kernels_for(name: str, **options):
-    """'numpy' -> NumpyKernels(); 'c' -> CKernels(**options) (path=, threads=, max_tokens=), or,
-    when the C extension is not built, NumpyKernels with one warning saying so.  CKernels computes
-    float32 only: in float64 (the oracle mode) it hands every call to the NumPy reference."""
-    if name == "numpy":
-        return NumpyKernels()
-    if name == "c":
-        from . import ckernels
-        if not ckernels.available():
-            ckernels.warn_once("unavailable", ckernels.unavailable_reason())
-            return NumpyKernels()
-        return ckernels.CKernels(**options)
-    raise InputError(f"kernels {name!r}: choose one of {', '.join(KERNEL_NAMES)}")

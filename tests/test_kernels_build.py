@@ -89,7 +89,7 @@ def test_without_a_compiler_the_install_goes_on_and_numpy_runs(tmp_path):
              "import d2m_ref\n"
              f"assert d2m_ref.__file__.startswith({str(tree)!r}), d2m_ref.__file__\n"
              "warnings.simplefilter('always')\n"
-             "from d2m_ref.kernels import kernels_for, NumpyKernels\n"
+             "from d2m_ref.kernel_choice import kernels_for\nfrom d2m_ref.kernels import NumpyKernels\n"
              "with warnings.catch_warnings(record=True) as caught:\n"
              "    ks = [kernels_for('c'), kernels_for('c')]\n"
              "assert all(type(k) is NumpyKernels for k in ks), ks\n"
