@@ -40,11 +40,11 @@ import numpy as np
 from . import SPEC_VERSION
 from .adapters import Candidate, apply_map, load_candidate, name_map
 from .compare import KAPPA, KAPPA_KL, KAPPA_RMS, Comparison, compare, logit_stats
-from .cli import add_strict_config_option, warn_unverified
+from .cli import add_strict_config_option, main_with_status, warn_unverified
 from .config import ModelConfig
-from .errors import D2MError, InputError
+from .errors import InputError
 from .kernels import default_kernels
-from .model import LayerKV, Runtime, attention, forward, mlp, moe
+from .model import LayerKV, Runtime, attention, forward, mlp, moe, route_problem
 from .ops import rms_norm, rope_cos_sin, rope_inv_freq, router_scores, top_k
 from .rounding import ARITHMETIC, ErrorModel, config_reduction, expected_kl
 from .weights import Model, load_model
@@ -458,14 +458,10 @@ class _Checker:
             if not np.all(np.isfinite(ids)) or not np.all(ids == np.round(ids)):
                 return StageResult(st, "NOT OK", message="topk_ids holds non-integer values")
             ids = ids.astype(np.int64)
-        if ids.shape != ref_ids.shape:
-            return StageResult(st, "NOT OK", message=f"shape {list(ids.shape)}, expected {list(ref_ids.shape)} "
-                                                     f"(T tokens × K={spec.top_k})")
-        if ids.min() < 0 or ids.max() >= spec.num_experts:
-            return StageResult(st, "NOT OK", message=f"expert ids {int(ids.min())}..{int(ids.max())} outside "
-                                                     f"0..{spec.num_experts - 1}")
-        if spec.top_k > 1 and np.any(np.diff(np.sort(ids, 1), axis=1) == 0):
-            return StageResult(st, "NOT OK", message="a token names the same expert twice")
+        problem = route_problem(ids, ref_ids.shape[0], spec)
+        if problem is not None:
+            return StageResult(st, "NOT OK", message=problem)
+        ids = ids.astype(np.int64)
         self.routes[i] = ids
         self._local.pop(i, None)  # the FFN's local recompute now replays these routes
         flips = classify_routes(self.model, i, self.ref.trace[f"router_logits.{i}"], ref_ids, ids,
@@ -814,19 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
-    try:
-        return run(args)
-    except D2MError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    return main_with_status(build_parser(), run, argv)
 
 
 def run(args: argparse.Namespace) -> int:

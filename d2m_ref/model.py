@@ -239,17 +239,25 @@ def check_forced_layers(forced_routes: Mapping | None, cfg: ModelConfig) -> None
                              f"(MoE layers: {moe_layers})")
 
 
+def route_problem(ids: np.ndarray, T: int, spec: MoESpec) -> str | None:
+    """What makes topk_ids [T, K] invalid for an MoE layer of `spec` (spec §4.2), or None: integer
+    [T, K], ids in 0 … E−1, distinct within a token.  The one definition the forward pass (forced
+    routes) and the checker (a candidate's routes) both apply."""
+    if ids.shape != (T, spec.top_k) or not np.issubdtype(ids.dtype, np.integer):
+        return f"expected integer [T={T}, K={spec.top_k}], found {ids.dtype} {list(ids.shape)}"
+    if ids.size and (ids.min() < 0 or ids.max() >= spec.num_experts):
+        return f"expert ids must be in 0..{spec.num_experts - 1}, found {int(ids.min())}..{int(ids.max())}"
+    if spec.top_k > 1 and np.any(np.diff(np.sort(ids, axis=1), axis=1) == 0):
+        return "a token names the same expert twice"
+    return None
+
+
 def check_routes(ids: np.ndarray, T: int, spec: MoESpec, i: int) -> np.ndarray:
     """Validate forced topk_ids [T, K] for layer i (a candidate's routes, spec §4.2)."""
     ids = np.asarray(ids)
-    if ids.shape != (T, spec.top_k) or not np.issubdtype(ids.dtype, np.integer):
-        raise InputError(f"forced routes for layer {i}: expected integer [T={T}, K={spec.top_k}], "
-                         f"found {ids.dtype} {list(ids.shape)}")
-    if ids.size and (ids.min() < 0 or ids.max() >= spec.num_experts):
-        raise InputError(f"forced routes for layer {i}: expert ids must be in 0..{spec.num_experts - 1}, "
-                         f"found {int(ids.min())}..{int(ids.max())}")
-    if spec.top_k > 1 and np.any(np.diff(np.sort(ids, axis=1), axis=1) == 0):
-        raise InputError(f"forced routes for layer {i}: a token names the same expert twice")
+    problem = route_problem(ids, T, spec)
+    if problem is not None:
+        raise InputError(f"forced routes for layer {i}: {problem}")
     return ids.astype(np.int64)
 
 
