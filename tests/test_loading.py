@@ -310,11 +310,16 @@ def test_neighbour_keys_off_their_neutral_value_are_unverified(change, key):
 
 
 def test_configs_that_change_nothing_are_accepted():
-    d2m_ref.parse_config({**dense_config("mixtral", num_local_experts=4, num_experts_per_tok=2),
-                          "sliding_window": 64, "head_dim": None})  # window as long as the model: no change
-    d2m_ref.parse_config({**dense_config("qwen2"), "sliding_window": 4, "use_sliding_window": False,
-                          "layer_types": ["full_attention"] * 3, "some_future_key": None})
-    d2m_ref.parse_config({**dense_config("llama"), "qkv_bias": False, "num_experts": 0})
+    """Keys at values that change nothing give the same model as the config without them, and are
+    not reported as unverified."""
+    cases = [(dense_config("mixtral", num_local_experts=4, num_experts_per_tok=2),
+              {"sliding_window": 64, "head_dim": None}),  # a window as long as the model: no change
+             (dense_config("qwen2"), {"sliding_window": 4, "use_sliding_window": False,
+                                      "layer_types": ["full_attention"] * 3, "some_future_key": None}),
+             (dense_config("llama"), {"qkv_bias": False, "num_experts": 0})]
+    for base, neutral in cases:
+        plain, same = d2m_ref.parse_config(base), d2m_ref.parse_config({**base, **neutral})
+        assert same == plain and same.unverified_keys == (), neutral
 
 
 def test_dense2moe_top_level_defaults_are_checked_where_they_stand():

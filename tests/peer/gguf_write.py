@@ -366,7 +366,7 @@ def _experts(state: dict, prefix: str, i: int, config) -> list[tuple[str, np.nda
     """Stacked expert tensors: from transformers 5's fused gate_up_proj / down_proj, or per expert."""
     fused = state.pop(prefix + "mlp.experts.gate_up_proj", None)
     if fused is not None:
-        width = fused.shape[1] // 2  # gate rows first, then up (REFERENCE.md)
+        width = fused.shape[1] // 2  # gate rows first, then up (spec/format.md §1.2)
         gate, up = fused[:, :width, :], fused[:, width:, :]
         down = state.pop(prefix + "mlp.experts.down_proj")
     else:

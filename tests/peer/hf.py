@@ -1,7 +1,8 @@
 """Hugging Face transformers as an independent peer of d2m_ref, made float64 where it is not.
 
 Stock transformers 5.24, asked for `dtype=torch.float64`, still computes four things in float32
-(REFERENCE.md, "transformers' float64 is not float64 everywhere"), in every family used here:
+(read in its modeling code; test_stock_float64_is_not_float64 in tests/test_vs_transformers.py
+measures what it costs), in every family used here:
 
   1. RMSNorm    `<Family>RMSNorm.forward`: `hidden_states.to(torch.float32)` before the variance
                 (also Qwen3's per-head q_norm/k_norm and OLMoE's q_norm/k_norm: same class).
