@@ -607,60 +607,85 @@ def rope_pattern(ratios: np.ndarray) -> bool:
 
 def diagnose(checker: _Checker, st: Stage, a: np.ndarray, ref: np.ndarray, local_ref: np.ndarray | None,
              r: StageResult, sigma: np.ndarray) -> str:
-    """One or two sentences on what the error pattern points to (heuristics, said as such)."""
+    """One or two sentences on what the error pattern points to (heuristics, said as such): whether the
+    layer itself is wrong, then the pattern of the stage's kind, then whether a wider rounding explains it."""
     c = r.local if (r.local is not None and not r.local.ok) else r.drift
     against = ref if c is r.drift else local_ref
-    hints = []
-    if r.local is not None:
-        hints.append("the layer computes wrong from its own inputs (local check fails)" if not r.local.ok else
-                     "this stage is right given the candidate's own inputs (local check passes): the error "
-                     "was accumulated before it")
-    if against is not None and against.ndim == 2 and against.shape[0] > 1 and st.kind in ("attn_out",):
-        ratios = _token_ratios(a, against, sigma)
-        bad = ratios > 1
-        if rope_pattern(ratios):
-            hints.append("token 0 agrees (position 0: no rotation, sees only itself) and the later ones are off, "
-                         "more so further on: suspect the RoPE convention (rotate-half vs interleaved pairs), "
-                         "θ or its scaling")
-        elif not bad[-1] and bad[:-1].any():
-            hints.append("only the last token agrees: earlier tokens see something extra, suspect the causal "
-                         "mask (off by one lets a token see the next)")
-        elif bad[0]:
-            hints.append("token 0 is wrong too (it attends only to itself): suspect q/k/v/o projections, "
-                         "their biases, the q/k norm, or the GQA head → key/value head mapping")
+    cfg = checker.model.config
+    hints = [locality_hint(r)]
+    if st.kind == "attn_out" and against is not None and against.ndim == 2 and against.shape[0] > 1:
+        hints.append(attention_hint(_token_ratios(a, against, sigma)))
     if st.kind == "topk_weights" and st.layer is not None:
-        spec = checker.model.config.layers[st.layer].moe
-        s_c, s_r = a.sum(-1) / spec.routed_scaling_factor, ref.sum(-1) / spec.routed_scaling_factor
-        if np.allclose(s_c, 1, atol=1e-2) and not np.allclose(s_r, 1, atol=1e-2):
-            hints.append("the candidate's top-k weights sum to 1 per token, the reference's do not "
-                         "(norm_topk_prob=false): it renormalises, or takes a softmax over the chosen logits")
-        elif np.allclose(s_r, 1, atol=1e-2) and not np.allclose(s_c, 1, atol=1e-2):
-            hints.append("the reference renormalises the top-k weights (norm_topk_prob=true), the candidate does not")
-    if st.kind == "ffn_out" and st.layer is not None and checker.model.config.layers[st.layer].moe is not None \
-            and against is not None:
+        hints.append(topk_weights_hint(cfg.layers[st.layer].moe, a, ref))
+    if st.kind == "ffn_out" and st.layer is not None and cfg.layers[st.layer].moe is not None and against is not None:
         routes = checker.routes.get(st.layer, checker.ref.trace[f"topk_ids.{st.layer}"])
-        bad = _token_ratios(a, against, sigma) > 1
-        experts = range(checker.model.config.layers[st.layer].moe.num_experts)
-        suspects = [e for e in experts if bad[np.any(routes == e, axis=1)].all() and np.any(routes == e)]
-        clean = [e for e in experts if not bad[np.any(routes == e, axis=1)].any() and np.any(routes == e)]
-        if bad.all():
-            hints.append("every token is off: suspect what all tokens share (the shared expert or its gate, the "
-                         "norm before the FFN) or experts most tokens use (expert order, an absorbed layer's norm "
-                         "weight not folded into its expert)")
-        elif clean:
-            hints.append(f"tokens routed only among experts {clean} are right, others not: suspect the weights of "
-                         f"experts {[e for e in experts if e not in clean]} (expert order, or an absorbed layer's "
-                         "norm weight that was not folded into its gate/up projections)")
-        elif suspects:
-            hints.append(f"the wrong tokens all use experts {suspects}")
-    n = config_reduction(checker.model.config)
+        hints.append(experts_hint(cfg.layers[st.layer].moe.num_experts, routes, _token_ratios(a, against, sigma) > 1))
+    hints.append(precision_hint(checker.precision, c.score, config_reduction(cfg)))
+    return "; ".join(h for h in hints if h)
+
+
+def locality_hint(r: StageResult) -> str:
+    """Whether the stage is wrong from the candidate's own inputs (its layer) or was handed an error."""
+    if r.local is None:
+        return ""
+    return ("the layer computes wrong from its own inputs (local check fails)" if not r.local.ok else
+            "this stage is right given the candidate's own inputs (local check passes): the error was "
+            "accumulated before it")
+
+
+def attention_hint(ratios: np.ndarray) -> str:
+    """attn_out: which tokens are off ([T] ratios to the bound) points at RoPE, the mask or the projections."""
+    bad = ratios > 1
+    if rope_pattern(ratios):
+        return ("token 0 agrees (position 0: no rotation, sees only itself) and the later ones are off, more so "
+                "further on: suspect the RoPE convention (rotate-half vs interleaved pairs), θ or its scaling")
+    if not bad[-1] and bad[:-1].any():
+        return ("only the last token agrees: earlier tokens see something extra, suspect the causal mask (off "
+                "by one lets a token see the next)")
+    if bad[0]:
+        return ("token 0 is wrong too (it attends only to itself): suspect q/k/v/o projections, their biases, "
+                "the q/k norm, or the GQA head → key/value head mapping")
+    return ""
+
+
+def topk_weights_hint(spec, a: np.ndarray, ref: np.ndarray) -> str:
+    """topk_weights: a renormalisation one side does and the other does not."""
+    s_c, s_r = a.sum(-1) / spec.routed_scaling_factor, ref.sum(-1) / spec.routed_scaling_factor
+    if np.allclose(s_c, 1, atol=1e-2) and not np.allclose(s_r, 1, atol=1e-2):
+        return ("the candidate's top-k weights sum to 1 per token, the reference's do not (norm_topk_prob=false): "
+                "it renormalises, or takes a softmax over the chosen logits")
+    if np.allclose(s_r, 1, atol=1e-2) and not np.allclose(s_c, 1, atol=1e-2):
+        return "the reference renormalises the top-k weights (norm_topk_prob=true), the candidate does not"
+    return ""
+
+
+def experts_hint(num_experts: int, routes: np.ndarray, bad: np.ndarray) -> str:
+    """ffn_out of an MoE: which experts the wrong tokens ([T] bool) share."""
+    experts = range(num_experts)
+    used = [e for e in experts if np.any(routes == e)]
+    suspects = [e for e in used if bad[np.any(routes == e, axis=1)].all()]
+    clean = [e for e in used if not bad[np.any(routes == e, axis=1)].any()]
+    if bad.all():
+        return ("every token is off: suspect what all tokens share (the shared expert or its gate, the norm before "
+                "the FFN) or experts most tokens use (expert order, an absorbed layer's norm weight not folded "
+                "into its expert)")
+    if clean:
+        return (f"tokens routed only among experts {clean} are right, others not: suspect the weights of experts "
+                f"{[e for e in experts if e not in clean]} (expert order, or an absorbed layer's norm weight that "
+                "was not folded into its gate/up projections)")
+    if suspects:
+        return f"the wrong tokens all use experts {suspects}"
+    return ""
+
+
+def precision_hint(precision: str, score: float, n: float) -> str:
+    """An error of `score` × the bound that a wider rounding than `precision` would explain."""
     explained = [p for p in ("float32", "float16", "bfloat16")
-                 if ARITHMETIC[p].u > ARITHMETIC[checker.precision].u
-                 and c.score * effective_u(checker.precision, n) <= effective_u(p, n)]
-    if explained:
-        hints.append(f"an error this size is what {explained[0]} rounding gives: a stage computed in "
-                     f"{explained[0]} (or a wrong --candidate-dtype)?")
-    return "; ".join(hints)
+                 if ARITHMETIC[p].u > ARITHMETIC[precision].u and score * effective_u(precision, n) <= effective_u(p, n)]
+    if not explained:
+        return ""
+    return (f"an error this size is what {explained[0]} rounding gives: a stage computed in {explained[0]} (or a "
+            "wrong --candidate-dtype)?")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -692,76 +717,90 @@ def _compress(names: list[str]) -> str:
 
 
 def format_report(report: Report, quiet: bool = False) -> str:
-    lines = []
+    """The text report: header, one line per stage, what was not compared, the logits' summary, then
+    the first divergence and the verdict (only those two with `quiet`)."""
+    lines = [] if quiet else report_header(report) + stage_table(report) + report_footer(report) + [""]
+    return "\n".join(lines + divergence_lines(report.first_divergence) + [report.verdict()])
+
+
+def report_header(report: Report) -> list[str]:
     u = ARITHMETIC[report.precision].u
-    if not quiet:
-        lines.append(f"candidate {report.candidate} ({report.precision}, u = {u:.2e}) vs reference "
-                     f"{report.reference} (float64), {report.tokens} tokens")
-        lines.append(f"check: |Δ| ≤ {KAPPA:g}σ per element and rms(Δ/σ) ≤ {KAPPA_RMS:g} per tensor, σ the error "
-                     f"{report.precision} rounding explains there; drift: against the reference pass (σ of every "
-                     "rounding since the embeddings); local: recomputed from the candidate's own inputs (σ of "
-                     "this stage's, or this layer's, roundings). Columns: the worse of the two ratios (≤ 1 is OK).")
-        for note in report.notes:
-            lines.append(f"note: {note}")
-        if report.unverified_config_keys:
-            lines.append(f"note: config key(s) not verified (d2m_ref does not know what they change): "
-                         f"{', '.join(report.unverified_config_keys)}")
-        lines.append("")
-        header = f"{'stage':<18}{'drift':>9}{'local':>9}{'max |Δ|':>11}  {'where':<11}{'candidate':>12}{'reference':>12}  verdict"
-        lines.append(header)
-        lines.append("-" * len(header))
-        skipped = 0
-        for r in report.stages:
-            if r.status == "NOT COMPARED":
-                skipped += 1
-                continue
-            if r.status == "MISSING":
-                continue
-            if r.stage.kind == "topk_ids":
-                lines.append(f"{r.stage.name:<18}{'':>9}{'':>9}{'':>11}  {r.message}  {r.status}")
-                continue
-            c = r.worst
-            if c is None:
-                lines.append(f"{r.stage.name:<18}  {r.message}  {r.status}")
-                continue
-            drift = f"{r.drift.score:.2f}" if r.drift else "-"
-            local = f"{r.local.score:.2f}" + ("L" if r.message.startswith("local: the layer") else "") \
-                if r.local else "-"
-            lines.append(f"{r.stage.name:<18}{drift:>9}{local:>9}{_fmt(c.max_abs):>11}  {_where(r.stage, c):<11}"
-                         f"{_fmt(c.candidate):>12}{_fmt(c.reference):>12}  {r.status}")
-        if skipped:
-            lines.append(f"({skipped} later stages not compared: they inherit the first divergence; --keep-going "
-                         "compares them anyway)")
-        if report.missing:
-            lines.append(f"missing from the candidate (not compared): {_compress(report.missing)}")
-        if report.unknown:
-            lines.append(f"candidate tensors that are not trace names (ignored; see --map): {', '.join(report.unknown[:8])}"
-                         + (" ..." if len(report.unknown) > 8 else ""))
-        if report.logits:
-            lg = report.logits
-            ties = sum(d["near_tie"] for d in lg["top1_differences"])
-            lines.append(f"logits: same top-1 {100 * lg['same_top1']:.1f} % ({len(lg['top1_differs_at'])} differ, "
-                         f"{ties} of them near ties), KL(ref‖cand) mean {lg['kl_mean']:.3g} (budget "
-                         f"{lg['kl_budget']:.3g}), max {lg['kl_max']:.3g}")
-        lines.append("")
-    first = report.first_divergence
-    if first is not None:
-        c = first.worst
-        where = f"layer {first.stage.layer}" if first.stage.layer is not None else "after the layers"
-        if c is not None:
-            which = "local" if c is first.local else "drift"
-            lines.append(f"first divergence: {where}, {first.stage.name}, token {c.where[0] if c.where else '-'}"
-                         f"{', index ' + str(c.where[1]) if len(c.where) > 1 else ''}: candidate {c.candidate:.6g}, "
-                         f"reference {c.reference:.6g} ({which} check: {c.ratio:.2f}× the allowed error per "
-                         f"element, {c.bad} of {c.size} elements over; {c.rms_ratio:.2f}× the allowed RMS)")
-        else:
-            lines.append(f"first divergence: {where}, {first.stage.name}: {first.message}")
-        if first.message and c is not None:
-            lines.append(f"  {first.message}")
-        if first.hint:
-            lines.append(f"  hint: {first.hint}")
-    lines.append(report.verdict())
-    return "\n".join(lines)
+    lines = [f"candidate {report.candidate} ({report.precision}, u = {u:.2e}) vs reference {report.reference} "
+             f"(float64), {report.tokens} tokens",
+             f"check: |Δ| ≤ {KAPPA:g}σ per element and rms(Δ/σ) ≤ {KAPPA_RMS:g} per tensor, σ the error "
+             f"{report.precision} rounding explains there; drift: against the reference pass (σ of every rounding "
+             "since the embeddings); local: recomputed from the candidate's own inputs (σ of this stage's, or this "
+             "layer's, roundings). Columns: the worse of the two ratios (≤ 1 is OK)."]
+    lines += [f"note: {note}" for note in report.notes]
+    if report.unverified_config_keys:
+        lines.append(f"note: config key(s) not verified (d2m_ref does not know what they change): "
+                     f"{', '.join(report.unverified_config_keys)}")
+    return lines + [""]
+
+
+def stage_table(report: Report) -> list[str]:
+    """One line per compared stage; a count of those not compared after the first divergence."""
+    header = f"{'stage':<18}{'drift':>9}{'local':>9}{'max |Δ|':>11}  {'where':<11}{'candidate':>12}{'reference':>12}  verdict"
+    lines, skipped = [header, "-" * len(header)], 0
+    for r in report.stages:
+        if r.status == "NOT COMPARED":
+            skipped += 1
+        elif r.status != "MISSING":
+            lines.append(stage_line(r))
+    if skipped:
+        lines.append(f"({skipped} later stages not compared: they inherit the first divergence; --keep-going "
+                     "compares them anyway)")
+    return lines
+
+
+def stage_line(r: StageResult) -> str:
+    if r.stage.kind == "topk_ids":
+        return f"{r.stage.name:<18}{'':>9}{'':>9}{'':>11}  {r.message}  {r.status}"
+    c = r.worst
+    if c is None:
+        return f"{r.stage.name:<18}  {r.message}  {r.status}"
+    drift = f"{r.drift.score:.2f}" if r.drift else "-"
+    local = f"{r.local.score:.2f}" + ("L" if r.message.startswith("local: the layer") else "") if r.local else "-"
+    return (f"{r.stage.name:<18}{drift:>9}{local:>9}{_fmt(c.max_abs):>11}  {_where(r.stage, c):<11}"
+            f"{_fmt(c.candidate):>12}{_fmt(c.reference):>12}  {r.status}")
+
+
+def report_footer(report: Report) -> list[str]:
+    """What the candidate lacked or added, and the logits' token-level summary."""
+    lines = []
+    if report.missing:
+        lines.append(f"missing from the candidate (not compared): {_compress(report.missing)}")
+    if report.unknown:
+        lines.append(f"candidate tensors that are not trace names (ignored; see --map): {', '.join(report.unknown[:8])}"
+                     + (" ..." if len(report.unknown) > 8 else ""))
+    if report.logits:
+        lg = report.logits
+        ties = sum(d["near_tie"] for d in lg["top1_differences"])
+        lines.append(f"logits: same top-1 {100 * lg['same_top1']:.1f} % ({len(lg['top1_differs_at'])} differ, "
+                     f"{ties} of them near ties), KL(ref‖cand) mean {lg['kl_mean']:.3g} (budget "
+                     f"{lg['kl_budget']:.3g}), max {lg['kl_max']:.3g}")
+    return lines
+
+
+def divergence_lines(first: StageResult | None) -> list[str]:
+    """The first divergence: where, the values, the check that failed, the message and the hint."""
+    if first is None:
+        return []
+    c = first.worst
+    where = f"layer {first.stage.layer}" if first.stage.layer is not None else "after the layers"
+    if c is None:
+        return [f"first divergence: {where}, {first.stage.name}: {first.message}"] + \
+            ([f"  hint: {first.hint}"] if first.hint else [])
+    which = "local" if c is first.local else "drift"
+    lines = [f"first divergence: {where}, {first.stage.name}, token {c.where[0] if c.where else '-'}"
+             f"{', index ' + str(c.where[1]) if len(c.where) > 1 else ''}: candidate {c.candidate:.6g}, "
+             f"reference {c.reference:.6g} ({which} check: {c.ratio:.2f}× the allowed error per element, {c.bad} of "
+             f"{c.size} elements over; {c.rms_ratio:.2f}× the allowed RMS)"]
+    if first.message:
+        lines.append(f"  {first.message}")
+    if first.hint:
+        lines.append(f"  hint: {first.hint}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
