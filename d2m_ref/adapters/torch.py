@@ -145,6 +145,24 @@ def record_trace(model: nn.Module, input_ids, path: str | Path | None = None, *,
     for transformers models).  `config`: the config JSON to store in the trace metadata (default:
     the model's own `config`, if it has one).
     """
+    ids = _one_sequence(input_ids)
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    model_dtype = params[0].dtype if params else torch.float32
+    wide = torch.float64 if model_dtype == torch.float64 else torch.float32
+    rec = _Recorder(wide)
+    moe_inputs = _hook(model, rec, wide)
+    try:
+        out = _run(model, ids[None], call)
+    finally:
+        rec.remove()
+    tensors = {"input_ids": ids.numpy().copy(), **_completed(rec, out, moe_inputs)}
+    if path is not None:
+        _write(path, model, tensors, config, model_dtype, wide, force)
+    return tensors
+
+
+def _one_sequence(input_ids) -> torch.Tensor:
+    """input_ids [T] or [1, T] (a tensor or array-like) -> int64 [T]; ValueError for anything else."""
     if isinstance(input_ids, torch.Tensor):
         input_ids = input_ids.detach().cpu().numpy()
     ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))
@@ -153,11 +171,13 @@ def record_trace(model: nn.Module, input_ids, path: str | Path | None = None, *,
     if ids.dim() != 1:
         raise ValueError(f"record_trace: input_ids must be [T] or a batch of one [1, T], got shape "
                          f"{tuple(ids.shape)} (d2m_ref traces one sequence)")
-    params = [p for p in model.parameters() if p.is_floating_point()]
-    model_dtype = params[0].dtype if params else torch.float32
-    wide = torch.float64 if model_dtype == torch.float64 else torch.float32
+    return ids
+
+
+def _hook(model: nn.Module, rec: _Recorder, wide: torch.dtype) -> dict[int, list[np.ndarray]]:
+    """Forward hooks on every module whose output is a trace tensor; returns where each MoE layer's
+    inputs will be collected (to infer routes from which experts saw which tokens)."""
     decoder = _decoder(model)
-    rec = _Recorder(wide)
     rec.hook(decoder.embed_tokens, "embeddings")
     moe_inputs: dict[int, list[np.ndarray]] = {}
     for i, layer in enumerate(decoder.layers):
@@ -181,17 +201,21 @@ def record_trace(model: nn.Module, input_ids, path: str | Path | None = None, *,
     head = getattr(model, "lm_head", None)
     if head is not None:
         rec.hook(head, "logits")
-    try:
-        with torch.no_grad():
-            batch = ids[None]
-            if call is not None:
-                out = call(model, batch)
-            elif hasattr(model, "config") and hasattr(model, "generation_config"):
-                out = model(input_ids=batch, use_cache=False)
-            else:
-                out = model(input_ids=batch)
-    finally:
-        rec.remove()
+    return moe_inputs
+
+
+def _run(model: nn.Module, batch: torch.Tensor, call) -> object:
+    with torch.no_grad():
+        if call is not None:
+            return call(model, batch)
+        if hasattr(model, "config") and hasattr(model, "generation_config"):
+            return model(input_ids=batch, use_cache=False)
+        return model(input_ids=batch)
+
+
+def _completed(rec: _Recorder, out, moe_inputs: dict[int, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """The recorded tensors, plus the logits from the output when no lm_head module gave them, and
+    routes inferred from the experts' inputs where no module returned them."""
     tensors = rec.tensors
     if "logits" not in tensors:  # a model without an lm_head module: take its output
         logits = getattr(out, "logits", out)
@@ -202,16 +226,18 @@ def record_trace(model: nn.Module, input_ids, path: str | Path | None = None, *,
             routes = _routes_from_experts(moe_inputs[i][0], seen, tensors[f"router_logits.{i}"])
             if routes is not None:
                 tensors[f"topk_ids.{i}"] = routes
-    tensors = {"input_ids": ids.numpy().copy(), **tensors}
-    if path is not None:
-        if config is None:
-            cfg = getattr(model, "config", None)
-            config = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
-        precision = str(model_dtype).replace("torch.", "")
-        metadata = {"format": TRACE_FORMAT, "trace_version": TRACE_VERSION, "spec_version": SPEC_VERSION,
-                    "dtype": "float64" if wide == torch.float64 else "float32",
-                    "command": f"d2m_ref.adapters.torch.record_trace({type(model).__name__}, T={ids.numel()})",
-                    "config": json.dumps(config, separators=(",", ":"), default=str),
-                    "weights": "", "candidate_dtype": precision}
-        write_trace(path, tensors, metadata, force=force)
     return tensors
+
+
+def _write(path, model: nn.Module, tensors: dict, config: dict | None, model_dtype: torch.dtype,
+           wide: torch.dtype, force: bool) -> None:
+    """The trace file with its metadata (spec/format.md §2)."""
+    if config is None:
+        cfg = getattr(model, "config", None)
+        config = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+    metadata = {"format": TRACE_FORMAT, "trace_version": TRACE_VERSION, "spec_version": SPEC_VERSION,
+                "dtype": "float64" if wide == torch.float64 else "float32",
+                "command": f"d2m_ref.adapters.torch.record_trace({type(model).__name__}, T={tensors['input_ids'].size})",
+                "config": json.dumps(config, separators=(",", ":"), default=str),
+                "weights": "", "candidate_dtype": str(model_dtype).replace("torch.", "")}
+    write_trace(path, tensors, metadata, force=force)
