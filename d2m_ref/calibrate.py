@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .files import atomic_write, check_output
+from .files import atomic_write, check_output, read_json
 from .model import residual_stream
 from .ops import rms_norm
 from .weights import Model
@@ -180,12 +180,7 @@ def calibrate(model: Model, ids: np.ndarray, *, tokens: int = DEFAULT_TOKENS, wi
 
 def read_stats(path: Path, model: Model) -> dict:
     """A stats file written by `calibrate` for this model, or InputError saying what does not fit."""
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"--stats {path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"--stats {path}: not a readable JSON file ({exc})") from None
+    doc = read_json(path, "--stats")
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise InputError(f"--stats {path}: not a d2m_ref calibration file (format {FORMAT!r})")
     if doc.get("model_digest") != model_digest(model):

@@ -33,6 +33,7 @@ from . import roofline
 from .calibrate import add_text_options, read_stats, stats_from_text
 from .config import parse_config
 from .errors import InputError, OutputExistsError
+from .files import read_json
 from .quant import is_quantized
 from .safetensors_io import save_streaming
 from .synth import to_storage
@@ -147,12 +148,7 @@ def prune_layers(stats: dict, L: int, remove: int, keep_ends: bool = True) -> tu
 
 def plan_from_file(path: Path, L: int) -> Plan:
     """A --plan JSON file, checked against a model of L layers (spec/convert.md §2.6)."""
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"--plan {path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"--plan {path}: not a readable JSON file ({exc})") from None
+    doc = read_json(path, "--plan")
     where = f"--plan {path}"
     if not isinstance(doc, dict) or doc.get("method") not in METHODS:
         raise InputError(f"{where}: expected an object with \"method\" one of {list(METHODS)}")

@@ -7,6 +7,7 @@ interrupted write leaves the old file or nothing, never half a file.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
@@ -98,3 +99,14 @@ def printable(text: str | os.PathLike) -> str:
     """A path or argv string -> text any UTF-8 stream or JSON can hold: bytes that were not valid
     UTF-8 (surrogate escapes, as Python decodes argv and file names) become backslash escapes \\xNN."""
     return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def read_json(path: str | os.PathLike, option: str):
+    """The JSON value in a file the user named with `option`, or InputError saying why it cannot be
+    read (missing, unreadable, not UTF-8, not JSON, absurdly nested)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{option} {path}: file not found") from None
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
+        raise InputError(f"{option} {path}: not a readable JSON file ({exc})") from None
