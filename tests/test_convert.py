@@ -373,3 +373,17 @@ def test_a_latency_budget_takes_the_fewest_removals_that_meet_it(dense_dir, tmp_
     assert convert(dense_dir, tmp_path / "x", "--method", "prune", "--stats", str(stats_path),
                    "--latency-budget", "1000") == 2
     assert "the dense model already takes" in capsys.readouterr().err
+
+
+def test_bench_convert_writes_its_table(tmp_path, capsys):
+    """`bench convert` on a tiny shape: both children's peak RSS reported; --table writes the page."""
+    from d2m_ref import bench
+    table = tmp_path / "t.md"
+    assert bench.main(["convert", "--shape", "tiny", "--remove-attention", "1", "--table", str(table)]) == 0
+    out = capsys.readouterr().out
+    assert "calibrate  peak RSS" in out and "convert    peak RSS" in out and "within budget" in out
+    page = table.read_text()
+    assert page.startswith("# `python -m d2m_ref.bench convert --shape tiny --remove-attention 1`")
+    assert "convert    peak RSS" in page
+    assert bench.main(["convert", "--shape", "tiny", "--table", str(table)]) == 2
+    assert "pass --force" in capsys.readouterr().err and table.read_text() == page
