@@ -60,15 +60,15 @@ def run_with_table(argv: list[str], table: Path, force: bool) -> int:
     """Run the kind with its printed output also captured, then write it to `table` as markdown."""
     from .evaluate import cpu_name
     check_output(table, force, "--table")
-    captured = io.StringIO()
+    captured, outer = io.StringIO(), sys.stdout
 
     class Tee(io.TextIOBase):
         def write(self, text: str) -> int:
-            sys.__stdout__.write(text)
+            outer.write(text)
             return captured.write(text)
 
         def flush(self) -> None:
-            sys.__stdout__.flush()
+            outer.flush()
 
     with contextlib.redirect_stdout(Tee()):
         status = kind_module(argv[0]).main(argv)
