@@ -387,3 +387,14 @@ def test_bench_convert_writes_its_table(tmp_path, capsys):
     assert "convert    peak RSS" in page
     assert bench.main(["convert", "--shape", "tiny", "--table", str(table)]) == 2
     assert "pass --force" in capsys.readouterr().err and table.read_text() == page
+
+
+def test_a_quantised_source_is_refused(dense_dir, tmp_path, capsys):
+    from d2m_ref.quantize import main as quantize
+    q = tmp_path / "q"
+    assert quantize(["--weights", str(dense_dir), "--format", "int8", "--out", str(q)]) == 0
+    plan = write_plan(tmp_path, {"method": "lfuc", "groups": [{"layers": [1, 2], "attention": 1}]})
+    capsys.readouterr()
+    assert convert(q, tmp_path / "out", "--method", "lfuc", "--plan", plan, "--router", "zero") == 2
+    assert "is quantised (Q8): convert the float checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
