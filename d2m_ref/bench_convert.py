@@ -1,9 +1,10 @@
-"""`python -m d2m_ref.bench convert`: memory of calibrating and converting at deployment size.
+"""`python -m d2m_ref.bench convert`: memory of calibrating, converting and exporting at deployment size.
 
 Writes (streaming) a random bf16 dense checkpoint of a deployment shape (default Qwen2.5-3B-shaped,
 as `bench memory` does), then in child processes: calibrates it on random token ids (spec/convert.md
 §1; the statistics of random weights mean nothing, the memory is the point) and converts it with
-`python -m d2m_ref.convert --method lfuc` from those statistics.  Reports each child's peak RSS
+`python -m d2m_ref.convert --method lfuc` from those statistics; with `--export-onnx`, also exports the
+converted model to ONNX (float16, spec/onnx.md; the graph's size and the time it took).  Reports each child's peak RSS
 against the checkpoint's size and the 1.5 GiB budget (spec/convert.md §2.7: tensor by tensor), and
 its seconds.  Memory-mapped weights count in RSS once touched, hence "file size +".
 """
@@ -52,6 +53,18 @@ def child_convert(weights: str, stats: str, out: str, remove: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "peak_rss": peak_rss_bytes()}
 
 
+def child_export(weights: str, out: str, dtype: str) -> dict:
+    from .export_onnx import export_onnx
+    from .weights import load_model
+    model = load_model(weights)
+    t0 = time.perf_counter()
+    summary = export_onnx(model, out, dtype=dtype)
+    seconds = time.perf_counter() - t0
+    model.close()
+    return {"seconds": seconds, "peak_rss": peak_rss_bytes(), "graph_bytes": Path(out).stat().st_size,
+            "data_bytes": summary["data_bytes"], "nodes": summary["nodes"]}
+
+
 def run_child(*args: str) -> dict:
     cmd = [sys.executable, "-m", "d2m_ref.bench_convert", "--child", *args]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -67,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=256, help="calibration tokens (default 256, one window)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float32", help="calibration compute dtype")
     p.add_argument("--remove-attention", type=int, default=8, help="the LF-UC budget (default 8)")
+    p.add_argument("--export-onnx", action="store_true", help="also export the converted model (float16 ONNX)")
     p.add_argument("--dir", type=Path, help="where to write the dense checkpoint (reused when it holds the same "
                    "config; default: a temporary folder, deleted afterwards)")
     p.add_argument("--json", type=Path)
@@ -90,14 +104,23 @@ def bench_command(args: argparse.Namespace) -> int:
         stats = scratch / "stats.json"
         cal = run_child("calibrate", str(weights), str(stats), str(args.tokens), str(args.tokens), args.dtype)
         conv = run_child("convert", str(weights), str(stats), str(scratch / "converted"), str(args.remove_attention))
-        out_size = (scratch / "converted" / "model.safetensors").stat().st_size
+        converted = scratch / "converted" / "model.safetensors"
+        out_size = converted.stat().st_size
+        steps = [("calibrate", cal, size), ("convert", conv, size)]
+        if args.export_onnx:
+            steps.append(("export", run_child("export", str(converted), str(scratch / "model.onnx"), "float16"),
+                          out_size))
         rows = []
-        for name, r in (("calibrate", cal), ("convert", conv)):
+        for name, r, size in steps:
             over = r["peak_rss"] - size
             rows.append({"step": name, "peak_rss": r["peak_rss"], "file_size": size, "over_file": over,
                          "within_budget": over <= MEMORY_BUDGET, "seconds": r["seconds"]})
             print(f"{name:10s} peak RSS {r['peak_rss'] / GiB:6.2f} GiB = file + {over / GiB:5.2f} GiB "
                   f"({'within' if over <= MEMORY_BUDGET else 'OVER'} budget), {r['seconds']:.0f} s")
+            if name == "export":
+                rows[-1].update(graph_bytes=r["graph_bytes"], data_bytes=r["data_bytes"], nodes=r["nodes"])
+                print(f"           model.onnx {r['graph_bytes'] / 2**20:.1f} MiB ({r['nodes']} nodes) + model.onnx.data "
+                      f"{r['data_bytes'] / GiB:.2f} GiB, from the converted {out_size / GiB:.2f} GiB checkpoint")
         print(f"converted: {out_size / GiB:.2f} GiB ({args.remove_attention} attention blocks removed)")
     finally:
         import shutil
@@ -114,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         kind, rest = argv[1], argv[2:]
         if kind == "calibrate":
             print(json.dumps(child_calibrate(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4])))
+        elif kind == "export":
+            print(json.dumps(child_export(rest[0], rest[1], rest[2])))
         else:
             print(json.dumps(child_convert(rest[0], rest[1], rest[2], int(rest[3]))))
         return 0
