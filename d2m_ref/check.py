@@ -3,7 +3,7 @@
     python -m d2m_ref.check --weights W [--config C] --candidate dump.safetensors
     python -m d2m_ref.check --golden CASE --candidate dump.safetensors
         [--candidate-dtype float32|float16|bfloat16|int8w|int4w|float64] [--map names.json]
-        [--tokens 1,2,3] [--runner NAME] [--iteration N] [--json report.json] [--keep-going] [--quiet]
+        [--tokens 1,2,3 | --inputs inputs.json] [--runner NAME] [--iteration N] [--json report.json] [--keep-going] [--quiet]
 
 The candidate is a trace (spec/format.md §2) or any file of tensors under trace names (.safetensors,
 .npz, Polygraphy RunResults .json; `--map` renames a backend's own names).  It may hold any subset
@@ -838,7 +838,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidate-dtype", choices=CANDIDATE_DTYPES,
                    help="what the backend computed in (sets the tolerances; default: what the file says)")
     p.add_argument("--map", type=Path, metavar="names.json", help="{backend tensor name: trace name}; '{i}' matches a layer")
-    p.add_argument("--tokens", metavar="IDS", help="the token ids the candidate ran on, if it did not dump input_ids")
+    ids = p.add_mutually_exclusive_group()
+    ids.add_argument("--tokens", metavar="IDS", help="the token ids the candidate ran on, if it did not dump input_ids")
+    ids.add_argument("--inputs", type=Path, metavar="inputs.json",
+                     help="Polygraphy: the inputs it fed (`polygraphy run ... --save-inputs inputs.json`): input_ids")
     p.add_argument("--runner", help="Polygraphy: which runner's outputs (when the file holds several)")
     p.add_argument("--iteration", type=int, default=0, help="Polygraphy: which iteration (default 0)")
     p.add_argument("--json", type=Path, metavar="report.json", help="also write the report as JSON")
@@ -850,6 +853,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     return main_with_status(build_parser(), run, argv)
+
+
+def polygraphy_input_ids(path: Path, iteration: int) -> np.ndarray:
+    """input_ids [T] from Polygraphy's saved inputs (a batch axis of 1 dropped)."""
+    from .adapters.polygraphy import read_inputs
+    feeds = read_inputs(path, iteration)
+    if "input_ids" not in feeds:
+        raise InputError(f"--inputs {path}: holds {', '.join(sorted(feeds)) or 'no inputs'}, not input_ids")
+    ids = np.asarray(feeds["input_ids"])
+    while ids.ndim > 1 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"--inputs {path}: input_ids is {ids.dtype} {list(ids.shape)}, expected integer [T]")
+    return ids.astype(np.int64)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -868,6 +885,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens is not None:
         from .tokenizer import parse_token_ids
         tokens = parse_token_ids(args.tokens)
+    if args.inputs is not None:
+        tokens = polygraphy_input_ids(args.inputs, args.iteration)
     trace = None
     if case is not None:
         from .tracefile import read_trace

@@ -276,7 +276,8 @@ def polygraphy_run(model_path: Path, ids: np.ndarray, tmp_path: Path) -> Path:
     loader.write_text(LOADER.format(ids=", ".join(map(str, ids.tolist()))), encoding="utf-8")
     out = tmp_path / "out.json"
     done = subprocess.run([sys.executable, "-c", POLYGRAPHY, "run", str(model_path), "--onnxrt",
-                           "--data-loader-script", str(loader), "--save-outputs", str(out)],
+                           "--data-loader-script", str(loader), "--save-outputs", str(out),
+                           "--save-inputs", str(tmp_path / "inputs.json")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return out
@@ -296,6 +297,12 @@ def test_polygraphy_run_passes_check(cases, tmp_path, capsys, dtype):
             "--tokens", ",".join(map(str, ids.tolist())), "--quiet"]
     assert check_cli.main(argv) == 0
     assert "PASS" in capsys.readouterr().out
+    # the ids from Polygraphy's own --save-inputs file instead of --tokens
+    argv = argv[:-3] + ["--inputs", str(tmp_path / "inputs.json"), "--quiet"]
+    assert check_cli.main(argv) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert check_cli.main(argv[:-3] + ["--inputs", str(out), "--quiet"]) == 2
+    assert "not Polygraphy's saved inputs" in capsys.readouterr().err
 
 
 def test_polygraphy_run_of_a_wrong_export_fails_at_its_layer(cases, tmp_path):

@@ -1,5 +1,5 @@
-"""Read Polygraphy's RunResults JSON (`polygraphy run model.onnx --trt --save-outputs out.json`)
-without Polygraphy.
+"""Read Polygraphy's RunResults JSON (`polygraphy run model.onnx --trt --save-outputs out.json`), and the
+inputs it fed (`--save-inputs inputs.json`), without Polygraphy.
 
 The format, as polygraphy 0.53 writes it (polygraphy/comparator/struct.py, json/serde.py):
 
@@ -85,3 +85,20 @@ def read_run_results(path: Path, runner: str | None = None, iteration: int = 0) 
     arrays = {name: _decode_array(v, f"{path}: output '{name}'") for name, v in outputs.items()}
     cand = from_arrays(arrays, f"{path} (runner {runner}, iteration {iteration})")
     return cand
+
+
+def read_inputs(path: Path, iteration: int = 0) -> dict[str, np.ndarray]:
+    """The feed dict of one iteration of `polygraphy run ... --save-inputs FILE.json`: a JSON list of
+    {input name: ndarray}, one per iteration."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CandidateError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CandidateError(f"{path}: cannot read as JSON: {exc}") from None
+    if not isinstance(doc, list) or not all(isinstance(d, dict) for d in doc):
+        raise CandidateError(f"{path}: not Polygraphy's saved inputs (a JSON list of feed dicts); expected the "
+                             "file of `polygraphy run ... --save-inputs FILE.json`")
+    if not 0 <= iteration < len(doc):
+        raise CandidateError(f"{path}: holds {len(doc)} iteration(s); --iteration {iteration} is out of range")
+    return {name: _decode_array(v, f"{path}: input '{name}'") for name, v in doc[iteration].items()}
