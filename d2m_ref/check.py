@@ -3,7 +3,8 @@
     python -m d2m_ref.check --weights W [--config C] --candidate dump.safetensors
     python -m d2m_ref.check --golden CASE --candidate dump.safetensors
         [--candidate-dtype float32|float16|bfloat16|int8w|int4w|float64] [--map names.json]
-        [--tokens 1,2,3 | --inputs inputs.json] [--runner NAME] [--iteration N] [--json report.json] [--keep-going] [--quiet]
+        [--tokens 1,2,3 | --inputs inputs.json] [--runner NAME] [--iteration N] [--json report.json [--force]]
+        [--keep-going] [--quiet]
 
 The candidate is a trace (spec/format.md §2) or any file of tensors under trace names (.safetensors,
 .npz, Polygraphy RunResults .json; `--map` renames a backend's own names).  It may hold any subset
@@ -40,7 +41,8 @@ import numpy as np
 from . import SPEC_VERSION
 from .adapters import Candidate, apply_map, load_candidate, name_map
 from .compare import KAPPA, KAPPA_KL, KAPPA_RMS, Comparison, compare, logit_stats
-from .cli import add_strict_config_option, main_with_status, warn_unverified
+from .cli import add_strict_config_option, main_with_status, model_files, warn_unverified
+from .files import atomic_write, check_output
 from .config import ModelConfig
 from .errors import InputError
 from .kernels import default_kernels
@@ -845,6 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", help="Polygraphy: which runner's outputs (when the file holds several)")
     p.add_argument("--iteration", type=int, default=0, help="Polygraphy: which iteration (default 0)")
     p.add_argument("--json", type=Path, metavar="report.json", help="also write the report as JSON")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.add_argument("--keep-going", action="store_true", help="judge every stage, also after the first divergence")
     p.add_argument("--quiet", action="store_true", help="print only the first divergence and the verdict")
     add_strict_config_option(p)
@@ -899,6 +902,12 @@ def run(args: argparse.Namespace) -> int:
         reference = str(args.weights)
     warn_unverified(model)
     try:
+        inputs = [("the candidate", args.candidate), ("the name map", args.map), ("the Polygraphy inputs", args.inputs)]
+        if case is not None:
+            inputs += [("a golden file", case / name) for name in ("model.safetensors", "config.json", "trace.safetensors")]
+        else:
+            inputs += model_files(args, model)
+        check_output(args.json, args.force, "--json", inputs)  # before the work, not after it
         report = check(model, tensors, precision, input_ids=tokens, reference_trace=trace,
                        keep_going=args.keep_going, candidate_source=cand.source, reference_source=reference,
                        notes=notes)
@@ -906,10 +915,8 @@ def run(args: argparse.Namespace) -> int:
         model.close()
     print(format_report(report, quiet=args.quiet))
     if args.json is not None:
-        try:
-            args.json.write_text(json.dumps(report.as_dict(), indent=1) + "\n", encoding="utf-8")
-        except OSError as exc:
-            raise InputError(f"--json {args.json}: cannot write: {exc.strerror or exc}") from None
+        data = (json.dumps(report.as_dict(), indent=1) + "\n").encode("utf-8")
+        atomic_write(args.json, lambda f: f.write(data), force=args.force)
     return report.exit_code
 
 

@@ -139,6 +139,21 @@ def load_model_checked(args: argparse.Namespace) -> Model:
     return model
 
 
+def model_files(args: argparse.Namespace, model: Model) -> list[tuple[str, Path | None]]:
+    """(what, path) of every file --weights/--config/--tokenizer brought in: the weights, their index
+    and shards, config.json beside them, --config, the tokenizer (for files.refuse_input)."""
+    inputs: list[tuple[str, Path | None]] = [("the weights", args.weights)]
+    if model.checkpoint is not None:
+        inputs.append(("the weights", model.checkpoint.path))
+        if hasattr(model.checkpoint, "file_of"):
+            shards = dict.fromkeys(model.checkpoint.file_of(name) for name in model.checkpoint.names())
+            inputs += [("a shard of the weights", shard) for shard in shards]
+    folder = args.weights if args.weights.is_dir() else args.weights.parent
+    inputs += [("the config", getattr(args, "config", None)), ("the config", folder / "config.json"),
+               ("the tokenizer", getattr(args, "tokenizer", None)), ("the tokenizer", tokenizer_beside(args.weights))]
+    return inputs
+
+
 def load_tokenizer_for(args: argparse.Namespace, model: Model, *, decode_output: bool,
                        need: bool = False) -> Tokenizer | None:
     """The tokenizer, loaded only when something needs it (`need`: text to encode other than --prompt).

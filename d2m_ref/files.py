@@ -22,13 +22,24 @@ def refuse_existing(path: str | os.PathLike, force: bool) -> None:
         raise OutputExistsError(f"{path}: file exists; pass --force to overwrite it")
 
 
-def check_output(path: str | os.PathLike | None, force: bool, option: str) -> None:
+def refuse_input(path: str | os.PathLike, option: str, inputs) -> None:
+    """InputError if the output `path` is (the same file as) one of the command's inputs, given as
+    (what, path or None) pairs: --force allows overwriting an old output, never a file being read."""
+    for what, source in inputs:
+        if source is not None and same_file(path, source):
+            raise InputError(f"{option} {path} is the same file as {what} ({source}): an output never "
+                             "replaces an input of the same command, even with --force")
+
+
+def check_output(path: str | os.PathLike | None, force: bool, option: str, inputs=()) -> None:
     """An output file named by `option`, checked before a long job rather than at its end:
-    InputError if it is a folder or its folder does not exist; OutputExistsError if it exists and
-    not `force`.  None: nothing to check."""
+    InputError if it is one of the command's `inputs` ((what, path) pairs, refuse_input), a folder,
+    or in a folder that does not exist; OutputExistsError if it exists and not `force`.  None:
+    nothing to check."""
     if path is None:
         return
     path = Path(path)
+    refuse_input(path, option, inputs)
     if path.is_dir():
         raise InputError(f"{option} {path}: is a directory")
     if not path.parent.is_dir():

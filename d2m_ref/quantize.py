@@ -28,7 +28,7 @@ import numpy as np
 
 from . import quant
 from .errors import WeightsError
-from .files import refuse_existing
+from .files import refuse_existing, refuse_input
 from .safetensors_io import save_streaming
 from .quant import quantize_param, should_quantize
 from .weights import METADATA_CONFIG_KEY, Model, Param, canonical_params, load_model, map_params
@@ -120,9 +120,14 @@ def output_file(out: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     storage = quant.FORMATS[args.format]
     target = output_file(args.out)
-    refuse_existing(target, args.force)  # before the long work; save_streaming checks again
-    model = load_model(args.weights, args.config, strict_config=args.strict_config)
-    from .cli import warn_unverified
+    model = load_model(args.weights, args.config, strict_config=args.strict_config)  # lazy: headers only
+    from .cli import model_files, warn_unverified
+    try:
+        refuse_input(target, "--out", model_files(args, model))  # even with --force: never the file being read
+        refuse_existing(target, args.force)  # before the long work; save_streaming checks again
+    except BaseException:
+        model.close()
+        raise
     warn_unverified(model)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -14,13 +14,10 @@ import sys
 from pathlib import Path
 
 from . import cli
-from .errors import InputError
-from .files import printable, refuse_existing, same_file
+from .files import printable, refuse_existing, refuse_input
 from .generate import check_finite
 from .progress import terminal_progress
-from .tokenizer import tokenizer_beside
 from .tracefile import PROG, capture_trace, trace_metadata, write_trace
-from .weights import Model
 
 # ---------------------------------------------------------------------------------------------
 # Command line
@@ -46,7 +43,7 @@ def trace_command(args: argparse.Namespace, argv: list[str]) -> int:
     refuse_existing(args.out, args.force)  # before the forward pass, not after it
     model = cli.load_model_checked(args)
     try:
-        refuse_own_input(args, model)
+        refuse_input(args.out, "--out", cli.model_files(args, model))
         ids = cli.input_ids(args, model, cli.load_tokenizer_for(args, model, decode_output=False))
         dtype = cli.DTYPES[args.dtype]
         kernels, kernels_text = cli.kernels_of(args)
@@ -67,24 +64,6 @@ def trace_command(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"wrote {printable(args.out)}: {len(tensors)} tensors of {ids.size} tokens, {args.dtype}, "
               f"kernels {kernels_text}")
     return 0
-
-
-def refuse_own_input(args: argparse.Namespace, model: Model) -> None:
-    """InputError if --out is (the same file as) one of the files the model came from — the weights,
-    their index and shards, config.json beside them, --config, the tokenizer: --force allows
-    overwriting an old output, never the checkpoint being read."""
-    inputs = [("the weights", args.weights)]
-    if model.checkpoint is not None:
-        inputs.append(("the weights", model.checkpoint.path))
-        shards = dict.fromkeys(model.checkpoint.file_of(name) for name in model.checkpoint.names())
-        inputs += [("a shard of the weights", shard) for shard in shards]
-    folder = args.weights if args.weights.is_dir() else args.weights.parent
-    inputs += [("the config", args.config), ("the config", folder / "config.json"),
-               ("the tokenizer", args.tokenizer), ("the tokenizer", tokenizer_beside(args.weights))]
-    for what, path in inputs:
-        if path is not None and same_file(args.out, path):
-            raise InputError(f"--out {args.out} is the same file as {what} ({path}): a trace never "
-                             "overwrites its input, even with --force")
 
 
 if __name__ == "__main__":

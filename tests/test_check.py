@@ -8,6 +8,7 @@ are in test_bug_catalog.py and test_adapters.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -420,3 +421,26 @@ def test_mean_kl_verdict_fails_what_every_element_allows():
     stage = next(r for r in report.stages if r.stage.name == "logits")
     assert stage.drift.ratio < 1 and stage.drift.rms_ratio < 1
     assert stage.status == "NOT OK" and "KL" in stage.message and report.exit_code == 1
+
+
+@pytest.mark.parametrize("victim", ["candidate", "weights", "config", "map", "report"])
+def test_json_never_replaces_an_input_and_keeps_a_report_without_force(checkpoint, tmp_path, capsys, victim):
+    """check --json: an existing report is kept unless --force; the candidate, the weights, the config
+    and the map are refused even with --force (all were overwritten before: issue 22, "Data lost")."""
+    d, trace = checkpoint
+    cand = tmp_path / "cand.safetensors"
+    save(cand, {k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in trace.items()})
+    (tmp_path / "map.json").write_text(json.dumps({"logits": "logits"}))
+    (tmp_path / "report.json").write_text("my old report")
+    target = {"candidate": cand, "weights": Path(d) / "model.safetensors", "config": Path(d) / "config.json",
+              "map": tmp_path / "map.json", "report": tmp_path / "report.json"}[victim]
+    before = target.read_bytes()
+    argv = ["--weights", d, "--candidate", cand, "--map", tmp_path / "map.json", "--json", target, "--quiet"]
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err
+    assert ("pass --force" in err) if victim == "report" else ("is the same file as" in err)
+    assert target.read_bytes() == before
+    if victim == "report":
+        assert run_cli(*argv, "--force") == 0 and json.loads(target.read_text())["verdict"] == "PASS"
+    else:
+        assert run_cli(*argv, "--force") == 2 and target.read_bytes() == before

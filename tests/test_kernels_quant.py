@@ -232,3 +232,17 @@ def test_quantize_model_keeps_the_float_tensors():
     assert set(kept.values()) == {"F16"}
     assert "model.layers.0.mlp.gate.weight" in kept and "model.embed_tokens.weight" in kept
     assert "model.layers.0.mlp.shared_expert_gate.weight" in kept
+
+
+def test_quantize_never_rewrites_the_file_it_reads(tmp_path, capsys):
+    """--out naming the --weights file itself is refused, --force or not (it used to rewrite the file
+    it was still reading: issue 22, "Data lost")."""
+    cfg, src, _ = quantized_checkpoint(tmp_path, "Q8")
+    weights = src / "model.safetensors"
+    before = weights.read_bytes()
+    capsys.readouterr()
+    for out in (src, weights):  # the folder (-> its model.safetensors) and the file itself
+        for force in ([], ["--force"]):
+            assert quantize_main(["--weights", str(src), "--format", "int8", "--out", str(out), *force]) == 2
+            assert "is the same file as" in capsys.readouterr().err
+            assert weights.read_bytes() == before
