@@ -234,10 +234,11 @@ def stats_from_text(args: argparse.Namespace, model: Model) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import load_model_checked
-    check_output(args.out, args.force, "--out")
+    from .cli import load_model_checked, model_files
+    check_output(args.out, args.force, "--out", [("the text", args.text)])
     model = load_model_checked(args)
     try:
+        check_output(args.out, args.force, "--out", model_files(args, model))
         doc = stats_from_text(args, model)
     finally:
         model.close()

@@ -33,7 +33,7 @@ from . import roofline
 from .calibrate import add_text_options, read_stats, stats_from_text
 from .config import parse_config
 from .errors import InputError, OutputExistsError
-from .files import read_json
+from .files import read_json, refuse_input
 from .quant import is_quantized
 from .safetensors_io import save_streaming
 from .synth import to_storage
@@ -396,11 +396,15 @@ def new_config(model: Model, plan: Plan, entries: list[dict], opts: Options) -> 
 # Output folder
 
 
-def write_folder(out: Path, force: bool, config: dict, writer: Builder, tokenizer: Path | None) -> None:
+def write_folder(out: Path, force: bool, config: dict, writer: Builder, tokenizer: Path | None,
+                 inputs=()) -> None:
     """config.json, model.safetensors and tokenizer.json written in a temporary folder beside `out`,
-    then moved into place; on any failure the temporary folder goes and `out` is as it was."""
+    then moved into place; on any failure the temporary folder goes and `out` is as it was.  None of
+    them may be one of the command's `inputs` ((what, path) pairs), --force or not."""
     out = Path(out)
     names = ["config.json", "model.safetensors"] + (["tokenizer.json"] if tokenizer is not None else [])
+    for n in names:
+        refuse_input(out / n, "--out", inputs)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
     clash = [n for n in names if (out / n).exists()]
@@ -541,7 +545,7 @@ def plan_for_latency(args: argparse.Namespace, model: Model, stats: dict | None,
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import load_model_checked
+    from .cli import load_model_checked, model_files
     if args.stats is not None and args.text is not None:
         raise InputError("give --stats or --text, not both")
     if args.latency_budget is not None and (args.remove_attention is not None or args.plan is not None
@@ -571,7 +575,8 @@ def run(args: argparse.Namespace) -> int:
             plan = choose_plan(args, model, stats)
         config, writer = build(model, plan, stats, opts)
         parse_config(config, "the converted config")  # what we write must load
-        write_folder(args.out, args.force, config, writer, source_tokenizer(args, model))
+        inputs = model_files(args, model) + [("the stats", args.stats), ("the text", args.text), ("the plan", args.plan)]
+        write_folder(args.out, args.force, config, writer, source_tokenizer(args, model), inputs)
     finally:
         model.close()
     print(f"wrote {args.out}: {args.method}, {config['num_hidden_layers']} layers "

@@ -235,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from .tokenizer import load_tokenizer, tokenizer_beside
     for option, path in (("--json", args.json), ("--png", args.png)):
-        check_output(path, args.force, option)
+        check_output(path, args.force, option, [("the text", args.text), ("the tokenizer", args.tokenizer)]
+                     + [("the weights", w) for w in args.weights]
+                     + [("the weights", w / n) for w in args.weights if w.is_dir() for n in ("model.safetensors", "config.json")])
     if args.tokens < 2 or args.context < 1 or args.decode_steps < 1 or args.threads < 1:
         raise InputError("--tokens, --context, --decode-steps and --threads take positive numbers (--tokens >= 2)")
     tok_path = args.tokenizer or tokenizer_beside(args.weights[0])

@@ -31,7 +31,7 @@ import numpy as np
 from . import SPEC_VERSION, __version__
 from .config import ModelConfig, MoESpec
 from .errors import InputError, WeightsError
-from .files import atomic_write, atomic_write_bytes, check_output, refuse_existing
+from .files import atomic_write, atomic_write_bytes, check_output, refuse_existing, refuse_input
 from .ops import rope_inv_freq
 from .weights import AttentionWeights, LayerWeights, MLPWeights, Model, MoEWeights, Param, load_model
 
@@ -565,10 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     check_export_options(args.out, args.dtype, args.outputs, args.opset, args.force)  # before loading
-    from .cli import warn_unverified
+    from .cli import model_files, warn_unverified
     model = load_model(args.weights, args.config, strict_config=args.strict_config)
     warn_unverified(model)
     try:
+        for path in (args.out, data_path(args.out)):  # never the checkpoint being read, --force or not
+            refuse_input(path, "--out", model_files(args, model))
         summary = export_onnx(model, args.out, dtype=args.dtype, outputs=args.outputs, opset=args.opset,
                               force=args.force)
     finally:

@@ -398,3 +398,13 @@ def test_a_quantised_source_is_refused(dense_dir, tmp_path, capsys):
     assert convert(q, tmp_path / "out", "--method", "lfuc", "--plan", plan, "--router", "zero") == 2
     assert "is quantised (Q8): convert the float checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_never_writes_over_its_source(dense_dir, tmp_path, capsys):
+    """--out the source folder itself: refused even with --force (config.json and model.safetensors
+    there are being read); the folder is byte-identical afterwards."""
+    plan = write_plan(tmp_path, {"method": "lfuc", "groups": [{"layers": [1, 2], "attention": 1}]})
+    before = {p.name: p.read_bytes() for p in dense_dir.iterdir()}
+    assert convert(dense_dir, dense_dir, "--method", "lfuc", "--plan", plan, "--router", "zero", "--force") == 2
+    assert "is the same file as" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in dense_dir.iterdir()} == before
