@@ -533,7 +533,7 @@ def candidate_ids(candidate: dict, given: np.ndarray | None, reference_trace: di
     given must agree."""
     found = []
     if "input_ids" in candidate:
-        found.append(("the candidate's input_ids", np.asarray(candidate["input_ids"]).reshape(-1).astype(np.int64)))
+        found.append(("the candidate's input_ids", dumped_ids(np.asarray(candidate["input_ids"]))))
     if given is not None:
         found.append(("--tokens", np.asarray(given, np.int64)))
     if reference_trace is not None:
@@ -544,6 +544,21 @@ def candidate_ids(candidate: dict, given: np.ndarray | None, reference_trace: di
         if ids.shape != found[0][1].shape or np.any(ids != found[0][1]):
             raise InputError(f"{found[0][0]} {found[0][1].tolist()[:12]} differ from {name} {ids.tolist()[:12]}")
     return found[0][1]
+
+
+def dumped_ids(ids: np.ndarray) -> np.ndarray:
+    """A candidate's input_ids -> int64 [T]: integers, or floats that hold whole numbers (some dumps
+    store everything as float); anything else (fractions, NaN, Inf) is an InputError, never truncated."""
+    ids = ids.reshape(-1)
+    if ids.dtype.kind == "f":
+        bad = ~np.isfinite(ids) | (ids != np.round(ids))
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise InputError(f"the candidate's input_ids hold a value that is not a token id: {ids[k]!r} at "
+                             f"position {k}")
+    elif ids.dtype.kind not in "iu":
+        raise InputError(f"the candidate's input_ids are {ids.dtype}, not integer token ids")
+    return ids.astype(np.int64)
 
 
 def check_token_count(candidate: dict, T: int, names: set[str]) -> None:

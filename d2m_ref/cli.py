@@ -27,6 +27,7 @@ from .weights import Model, load_model
 DTYPES = {"float64": np.float64, "float32": np.float32}
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
 
 
 def main_with_status(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int],
@@ -46,6 +47,10 @@ def status_of(body: Callable[[], int]) -> int:
     except D2MError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # `... | head` closed stdout: stop quietly, as a Unix tool does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not raise again
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -444,3 +444,18 @@ def test_json_never_replaces_an_input_and_keeps_a_report_without_force(checkpoin
         assert run_cli(*argv, "--force") == 0 and json.loads(target.read_text())["verdict"] == "PASS"
     else:
         assert run_cli(*argv, "--force") == 2 and target.read_bytes() == before
+
+
+def test_fractional_input_ids_are_refused_by_name(checkpoint, tmp_path, capsys):
+    """input_ids stored as floats: whole numbers are ids, a fraction is bad input (it used to be
+    truncated to another token and checked against it: issue 22, "Wrong verdicts")."""
+    d, trace = checkpoint
+    arrays = {k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in trace.items()}
+    arrays["input_ids"] = trace["input_ids"].astype(np.float32)
+    np.savez(tmp_path / "whole.npz", **arrays)
+    assert run_cli("--weights", d, "--candidate", tmp_path / "whole.npz", "--quiet") == 0
+    arrays["input_ids"][1] += 0.5
+    np.savez(tmp_path / "frac.npz", **arrays)
+    capsys.readouterr()
+    assert run_cli("--weights", d, "--candidate", tmp_path / "frac.npz", "--quiet") == 2
+    assert "input_ids hold a value that is not a token id" in capsys.readouterr().err

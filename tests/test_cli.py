@@ -997,3 +997,14 @@ def test_run_kernels_c_and_numpy_agree_in_float32(demo, capsys):
 def test_unknown_kernels_is_an_argument_error(demo, capsys):
     status, out, err = call(run.main, ["--weights", str(demo), "--tokens", "1", "--kernels", "cuda"], capsys)
     assert status == 2 and "--kernels" in err and "Traceback" not in err
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`run ... | head -1`: the reader goes away; the writer stops with status 141 and no traceback
+    (it used to end in a BrokenPipeError traceback: issue 22)."""
+    proc = subprocess.Popen([sys.executable, "-m", "d2m_ref.run", "--max-new-tokens", "64", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    proc.stdout.readline()
+    proc.stdout.close()  # what head does after its line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and b"Traceback" not in err, err.decode()[-2000:]
