@@ -248,6 +248,9 @@ def verify(case: Case, root: Path) -> list[str]:
         a, b = now[name], trace[name]
         if a.shape != b.shape:
             problems.append(f"{folder}: {name} has shape {list(a.shape)}, committed {list(b.shape)}; {fix}")
+        elif a.dtype.kind == "f" and not np.isfinite(b).all():  # NaN compares as no difference: say it
+            problems.append(f"{folder}: {name} holds {int(np.sum(~np.isfinite(b)))} non-finite value(s) (NaN/Inf) "
+                            f"in the committed trace; {fix}")
         elif a.dtype.kind in "iu":
             if not np.array_equal(a, b):
                 problems.append(f"{folder}: {name} differs (expert choice or ids): {a.tolist()} vs {b.tolist()}")

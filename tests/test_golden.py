@@ -102,6 +102,18 @@ def test_verify_names_the_change_and_the_command(tmp_path):
     assert golden.main(["verify", "--case", "qwen3_moe", "--dir", str(tmp_path)]) == 1
 
 
+def test_verify_refuses_a_committed_trace_with_nan(tmp_path):
+    """A NaN in the committed trace compared as no difference, and verify passed (issue 22)."""
+    case = golden.case_named("qwen3_moe")
+    shutil.copytree(ROOT / case.name, tmp_path / case.name)
+    trace, meta = read_trace(tmp_path / case.name / "trace.safetensors")
+    trace["hidden.1"] = trace["hidden.1"].copy()
+    trace["hidden.1"][0, 3] = np.nan
+    save(tmp_path / case.name / "trace.safetensors", trace, metadata=meta, force=True)
+    problems = golden.verify(case, tmp_path)
+    assert len(problems) == 1 and "hidden.1 holds 1 non-finite value(s)" in problems[0]
+
+
 def test_check_against_a_golden_case(tmp_path, capsys):
     """--golden: the committed trace is the reference; a float32 rounding of it passes, a broken stage fails."""
     trace, _ = read_trace(ROOT / "qwen2_moe" / "trace.safetensors")
