@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import stat
 import sys
 from functools import partial
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import D2MError, InputError
+from .files import require_regular
 from .gguf_io import GGUFFile, gguf_tokenizer
 from .kernel_choice import KERNEL_NAMES, c_kernels_available, kernels_for
 from .tokenizer import Tokenizer, load_tokenizer, parse_token_ids, tokenizer_beside
@@ -116,24 +116,13 @@ def kernels_of(args: argparse.Namespace):
 
 # What a path names when it is not a regular file: reading a FIFO or a terminal would wait for a
 # writer forever, /dev/zero would never end.
-FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-              (stat.S_ISSOCK, "a socket"))
-
-
 def check_input_files(args: argparse.Namespace) -> None:
     """InputError if --weights (unless a directory), --config or --tokenizer exists but is not a
     regular file.  A missing one is left to its loader, which names it."""
     for option, path in (("--weights", args.weights), ("--config", args.config), ("--tokenizer", args.tokenizer)):
-        if path is None:
+        if path is None or (option == "--weights" and os.path.isdir(path)):
             continue
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:
-            continue
-        if stat.S_ISREG(mode) or (option == "--weights" and stat.S_ISDIR(mode)):
-            continue
-        kind = next((name for test, name in FILE_KINDS if test(mode)), "a directory" if stat.S_ISDIR(mode) else "")
-        raise InputError(f"{option} {path}: not a regular file" + (f" ({kind})" if kind else ""))
+        require_regular(path, option)
 
 
 def load_model_checked(args: argparse.Namespace) -> Model:

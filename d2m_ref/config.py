@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
+from .files import require_regular
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "dense2moe")
 DENSE2MOE_BASES = ("llama", "qwen2", "qwen3")
@@ -602,6 +603,7 @@ def _check_moe_defaults(k: _Keys) -> None:
 def load_config(path: str | Path, *, strict: bool = False) -> ModelConfig:
     """Read and validate a config.json (`strict`: see parse_config)."""
     path = Path(path)
+    require_regular(path, "config", ConfigError)
     try:
         text = path.read_bytes()
     except OSError as exc:

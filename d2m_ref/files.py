@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -20,6 +21,29 @@ def refuse_existing(path: str | os.PathLike, force: bool) -> None:
     """OutputExistsError if `path` exists (a dangling symlink counts) and not `force`."""
     if not force and os.path.lexists(path):
         raise OutputExistsError(f"{path}: file exists; pass --force to overwrite it")
+
+
+FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+              (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def special_file(path: str | os.PathLike) -> str | None:
+    """What `path` is if it exists and is not a regular file ("a FIFO", "a directory", ...), else None.
+    Reading a FIFO waits for a writer forever and /dev/zero never ends: every reader asks first."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, or a name the OS refuses: its reader says so
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in FILE_KINDS if test(mode)), "not a regular file")
+
+
+def require_regular(path: str | os.PathLike, what: str, error: type[D2MError] = InputError) -> None:
+    """`error` naming `what` if `path` exists but is a FIFO, device, socket or directory."""
+    kind = special_file(path)
+    if kind is not None:
+        raise error(f"{what} {path}: not a regular file ({kind})")
 
 
 def refuse_input(path: str | os.PathLike, option: str, inputs) -> None:
@@ -115,6 +139,7 @@ def printable(text: str | os.PathLike) -> str:
 def read_json(path: str | os.PathLike, option: str):
     """The JSON value in a file the user named with `option`, or InputError saying why it cannot be
     read (missing, unreadable, not UTF-8, not JSON, absurdly nested)."""
+    require_regular(path, option)
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from d2m_ref.errors import WeightsError
-from d2m_ref.files import atomic_write
+from d2m_ref.files import atomic_write, require_regular
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
@@ -219,6 +219,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
+        require_regular(self.path, "weights", WeightsError)  # a FIFO would block open() forever
         try:
             # The descriptor stays open: raw() re-checks the file size before handing out a view,
             # because touching mapped pages of a file truncated since opening kills the process

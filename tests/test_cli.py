@@ -1008,3 +1008,24 @@ def test_a_closed_pipe_ends_quietly():
     proc.stdout.close()  # what head does after its line
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and b"Traceback" not in err, err.decode()[-2000:]
+
+
+@pytest.mark.parametrize("argv", [
+    ["d2m_ref.check", "--weights", "{fifo}", "--candidate", "{trace}"],
+    ["d2m_ref.check", "--golden", "qwen2", "--candidate", "{fifo}"],
+    ["d2m_ref.check", "--golden", "qwen2", "--candidate", "{trace}", "--map", "{fifo}"],
+    ["d2m_ref.check", "--weights", "{golden}", "--config", "/dev/zero", "--candidate", "{trace}"],
+    ["d2m_ref.quantize", "--weights", "{fifo}", "--format", "int8", "--out", "{out}"],
+    ["d2m_ref.quantize", "--weights", "{golden}", "--config", "{fifo}", "--format", "int8", "--out", "{out}"],
+], ids=["check-weights", "check-candidate", "check-map", "check-config-dev-zero", "quantize-weights",
+        "quantize-config"])
+def test_special_files_are_refused_not_waited_on(argv, tmp_path):
+    """A FIFO or a device where a file is read: named error, exit 2, at once (check and quantize waited
+    forever on a FIFO, and read /dev/zero until memory ran out: issue 22)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    names = {"fifo": fifo, "trace": REPO / "golden" / "qwen2" / "trace.safetensors", "golden": REPO / "golden" / "qwen2",
+             "out": tmp_path / "q"}
+    done = subprocess.run([sys.executable, "-m", *[a.format(**names) for a in argv]], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=60)
+    assert done.returncode == 2 and "not a regular file" in done.stderr and "Traceback" not in done.stderr

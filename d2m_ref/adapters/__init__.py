@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import WeightsError
+from ..files import require_regular
 from ..safetensors_io import SafetensorsFile, to_float
 from .candidate import Candidate, CandidateError
 
@@ -33,6 +34,7 @@ _STORED_PRECISION = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F6
 def load_candidate(path: str | Path, runner: str | None = None, iteration: int = 0) -> Candidate:
     """Read a candidate dump by its extension (.safetensors, .npz, .json)."""
     path = Path(path)
+    require_regular(path, "candidate", CandidateError)
     if not path.is_file():
         raise CandidateError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -82,6 +84,7 @@ def name_map(path: str | Path) -> dict[str, str]:
     """Read --map: a JSON object {backend name: trace name}.  A key may hold `{i}` (digits) and its
     value `{i}` too: {"/model/layers.{i}/Add_1_output_0": "hidden.{i}"} maps every layer."""
     path = Path(path)
+    require_regular(path, "name map", CandidateError)
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:

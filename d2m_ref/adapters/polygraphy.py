@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..files import require_regular
 from .candidate import Candidate, CandidateError
 from .npz import from_arrays
 
@@ -90,6 +91,7 @@ def read_run_results(path: Path, runner: str | None = None, iteration: int = 0) 
 def read_inputs(path: Path, iteration: int = 0) -> dict[str, np.ndarray]:
     """The feed dict of one iteration of `polygraphy run ... --save-inputs FILE.json`: a JSON list of
     {input name: ndarray}, one per iteration."""
+    require_regular(path, "Polygraphy inputs", CandidateError)
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
