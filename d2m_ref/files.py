@@ -136,13 +136,13 @@ def printable(text: str | os.PathLike) -> str:
     return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
-def read_json(path: str | os.PathLike, option: str):
-    """The JSON value in a file the user named with `option`, or InputError saying why it cannot be
-    read (missing, unreadable, not UTF-8, not JSON, absurdly nested)."""
-    require_regular(path, option)
+def read_json(path: str | os.PathLike, option: str, error: type[D2MError] = InputError):
+    """The JSON value in a file the user named with `option`, or `error` saying why it cannot be read
+    (missing, not a regular file, unreadable, not UTF-8, not JSON, absurdly nested)."""
+    require_regular(path, option, error)
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise InputError(f"{option} {path}: file not found") from None
+        raise error(f"{option} {path}: file not found") from None
     except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
-        raise InputError(f"{option} {path}: not a readable JSON file ({exc})") from None
+        raise error(f"{option} {path}: not a readable JSON file ({type(exc).__name__}: {exc})") from None

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from pathlib import Path
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -227,3 +228,18 @@ def test_name_map_collision_names_both():
         apply_map({"a": np.zeros(1), "b": np.zeros(1)}, {"a": "hidden.0", "b": "hidden.0"})
     out, notes = apply_map({"L3.out": np.zeros(1)}, {"L{i}.out": "hidden.{i}", "gone": "logits"})
     assert set(out) == {"hidden.3"} and "does not have: gone" in notes[1]
+
+
+@pytest.mark.parametrize("which", ["map", "polygraphy"])
+def test_deeply_nested_json_is_a_named_error(tmp_path, capsys, which):
+    """A name map or Polygraphy file nested 100,000 deep: exit 2 naming the file, no RecursionError
+    traceback (issue 22)."""
+    from d2m_ref import check as chk
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    golden = Path(__file__).resolve().parents[1] / "golden" / "qwen2"
+    argv = ["--golden", "qwen2", "--candidate", str(golden / "trace.safetensors"), "--map", str(deep)] \
+        if which == "map" else ["--golden", "qwen2", "--candidate", str(deep)]
+    assert chk.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not a readable JSON file (RecursionError" in err and str(deep) in err

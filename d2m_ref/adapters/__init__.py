@@ -14,14 +14,13 @@ Writer: d2m_ref.adapters.torch.record_trace (imports torch; nothing else here do
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import WeightsError
-from ..files import require_regular
+from ..files import read_json, require_regular
 from ..safetensors_io import SafetensorsFile, to_float
 from .candidate import Candidate, CandidateError
 
@@ -84,13 +83,7 @@ def name_map(path: str | Path) -> dict[str, str]:
     """Read --map: a JSON object {backend name: trace name}.  A key may hold `{i}` (digits) and its
     value `{i}` too: {"/model/layers.{i}/Add_1_output_0": "hidden.{i}"} maps every layer."""
     path = Path(path)
-    require_regular(path, "name map", CandidateError)
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CandidateError(f"{path}: cannot read name map: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise CandidateError(f"{path}: name map is not valid JSON: {exc}") from None
+    d = read_json(path, "name map", CandidateError)
     if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()):
         raise CandidateError(f"{path}: a name map is a JSON object of strings {{backend name: trace name}}")
     return d

@@ -18,13 +18,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..files import require_regular
+from ..files import read_json
 from .candidate import Candidate, CandidateError
 from .npz import from_arrays
 
@@ -53,12 +52,7 @@ def _decode_array(obj: Any, where: str) -> np.ndarray:
 
 def read_run_results(path: Path, runner: str | None = None, iteration: int = 0) -> Candidate:
     """One runner's outputs of one iteration -> Candidate.  With several runners, `runner` picks one."""
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CandidateError(f"{path}: cannot read: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise CandidateError(f"{path}: not JSON: {exc}") from None
+    doc = read_json(path, "Polygraphy results", CandidateError)
     if not isinstance(doc, dict) or not isinstance(doc.get("lst"), list):
         raise CandidateError(f"{path}: not a Polygraphy RunResults file (no 'lst' list); "
                              "expected the output of `polygraphy run ... --save-outputs FILE.json`")
@@ -91,13 +85,7 @@ def read_run_results(path: Path, runner: str | None = None, iteration: int = 0) 
 def read_inputs(path: Path, iteration: int = 0) -> dict[str, np.ndarray]:
     """The feed dict of one iteration of `polygraphy run ... --save-inputs FILE.json`: a JSON list of
     {input name: ndarray}, one per iteration."""
-    require_regular(path, "Polygraphy inputs", CandidateError)
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CandidateError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CandidateError(f"{path}: cannot read as JSON: {exc}") from None
+    doc = read_json(path, "Polygraphy inputs", CandidateError)
     if not isinstance(doc, list) or not all(isinstance(d, dict) for d in doc):
         raise CandidateError(f"{path}: not Polygraphy's saved inputs (a JSON list of feed dicts); expected the "
                              "file of `polygraphy run ... --save-inputs FILE.json`")
