@@ -160,6 +160,16 @@ class MoESpec:
     shared_expert_gate: bool = False  # sigmoid(x·w_g) scales the shared expert (Qwen2-MoE)
 
 
+MAX_INT = 2 ** 53  # larger integers are not sizes, counts or positions of any model (and lose exactness as floats)
+MAX_FLOAT = 1.7976931348623157e308  # a JSON integer past float64's range would overflow math on it
+
+
+def _shown(v: Any) -> str:
+    """A config value for an error message: long ones (a 400-digit integer) cut to their ends."""
+    text = repr(v)
+    return text if len(text) <= 60 else f"{text[:24]}...{text[-12:]} ({len(text)} characters)"
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """One decoder layer of the layer plan (spec §1.2)."""
@@ -234,15 +244,17 @@ class _Keys:
     def int(self, key: str, default: Any = ..., minimum: int = 1) -> int:
         v = self.raw(key, default)
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{self.where}: '{key}' must be an integer, found {v!r}")
+            raise ConfigError(f"{self.where}: '{key}' must be an integer, found {_shown(v)}")
         if v < minimum:
-            raise ConfigError(f"{self.where}: '{key}'={v} must be >= {minimum}")
+            raise ConfigError(f"{self.where}: '{key}'={_shown(v)} must be >= {minimum}")
+        if v > MAX_INT:
+            raise ConfigError(f"{self.where}: '{key}'={_shown(v)} is beyond any real model (> 2**53)")
         return v
 
     def float(self, key: str, default: Any = ..., positive: bool = True) -> float:
         v = self.raw(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ConfigError(f"{self.where}: '{key}' must be a finite number, found {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or abs(v) > MAX_FLOAT or not math.isfinite(v):
+            raise ConfigError(f"{self.where}: '{key}' must be a finite number, found {_shown(v)}")
         if positive and v <= 0:
             raise ConfigError(f"{self.where}: '{key}'={v} must be > 0")
         return float(v)

@@ -354,3 +354,11 @@ def test_forced_routes_must_name_moe_layers():
     trace = {}
     d2m_ref.forward(model, ids, forced_routes={0: np.array([[2, 1]] * 4)}, capture=trace)
     assert (trace["topk_ids.0"] == [[2, 1]] * 4).all()
+
+
+@pytest.mark.parametrize("key", ["vocab_size", "hidden_size", "max_position_embeddings", "rms_norm_eps", "rope_theta"])
+def test_a_400_digit_number_is_a_named_error(key):
+    """A JSON integer of 400 digits: a ConfigError naming the key, shown cut short (it was an
+    OverflowError traceback: issue 22)."""
+    with pytest.raises(ConfigError, match=rf"'{key}'.*\(401 characters\)"):
+        d2m_ref.parse_config({**dense_config("llama"), key: 10 ** 400})
