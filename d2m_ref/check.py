@@ -44,7 +44,8 @@ from .compare import KAPPA, KAPPA_KL, KAPPA_RMS, Comparison, compare, logit_stat
 from .cli import add_strict_config_option, main_with_status, model_files, warn_unverified
 from .files import atomic_write, check_output
 from .config import ModelConfig
-from .errors import InputError
+from .errors import InputError, NonFiniteError
+from .generate import first_non_finite
 from .kernels import default_kernels
 from .model import LayerKV, Runtime, attention, forward, mlp, moe, route_problem
 from .ops import rms_norm, rope_cos_sin, rope_inv_freq, router_scores, top_k
@@ -179,6 +180,10 @@ class Reference:
     def _run(self) -> dict[str, np.ndarray]:
         capture: dict[str, np.ndarray] = {}
         forward(self.model, self.input_ids, capture=capture, forced_routes=dict(self.forced) or None)
+        stage = first_non_finite(capture)
+        if stage is not None:  # no candidate can be judged against NaN: bad input, not a mismatch
+            raise NonFiniteError(f"the float64 reference is not finite: first in {stage} — the weights hold "
+                                 "NaN/Inf, or a value overflowed float64")
         return capture
 
     def force(self, layer: int, topk_ids: np.ndarray) -> None:

@@ -459,3 +459,28 @@ def test_fractional_input_ids_are_refused_by_name(checkpoint, tmp_path, capsys):
     capsys.readouterr()
     assert run_cli("--weights", d, "--candidate", tmp_path / "frac.npz", "--quiet") == 2
     assert "input_ids hold a value that is not a token id" in capsys.readouterr().err
+
+
+def test_non_finite_reference_weights_are_bad_input(checkpoint, tmp_path, capsys):
+    """A NaN in the reference weights: exit 2 naming the first non-finite stage, not a "mismatch"
+    (exit 1) amid NumPy warnings (issue 22)."""
+    import warnings
+    from d2m_ref.safetensors_io import SafetensorsFile
+    d, trace = checkpoint
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_bytes((Path(d) / "config.json").read_bytes())
+    with SafetensorsFile(Path(d) / "model.safetensors") as f:
+        tensors = {n: np.array(f.raw(n)) for n in f.names()}
+    name = next(n for n in tensors if n.endswith("layers.1.mlp.experts.0.down_proj.weight") or
+                n.endswith("layers.1.mlp.down_proj.weight"))
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] = 0x7FC0  # a bfloat16 NaN (the checkpoint is BF16: uint16 bits)
+    save(bad / "model.safetensors", tensors, dtypes={n: "BF16" for n in tensors})
+    cand = tmp_path / "cand.safetensors"
+    save(cand, {k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in trace.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NumPy RuntimeWarning on the way
+        assert run_cli("--weights", bad, "--candidate", cand, "--quiet") == 2
+    err = capsys.readouterr().err
+    assert "the float64 reference is not finite: first in" in err and "layer 1" in err
