@@ -19,7 +19,7 @@ from typing import Callable, Mapping, NamedTuple
 import numpy as np
 
 from .config import LayerSpec, ModelConfig, MoESpec
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 from .kernels import NumpyKernels, default_kernels
 from .ops import (apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv_freq, router_scores,
                   sigmoid, top_k, topk_weights)
@@ -214,6 +214,11 @@ def moe(x: np.ndarray, w: MoEWeights, spec: MoESpec, rt: Runtime, i: int) -> np.
     if forced is not None:
         forced = check_routes(forced, x.shape[0], spec, i)
     router_logits, scores, topk_ids, weights = route(x, w, spec, rt, forced)
+    if not np.isfinite(router_logits).all() and np.isfinite(x).all():
+        # from the router's own weights: top-k would give a NaN score weight 0 and drop experts unseen (a NaN
+        # input instead reaches the logits through the experts, where the caller names its first stage)
+        raise NonFiniteError(f"router_logits.{i} hold NaN/Inf from a finite input: layer {i}'s router weights "
+                             "(mlp.gate.weight) are not finite")
     rt.record(f"router_logits.{i}", router_logits)
     rt.record(f"router_scores.{i}", scores)
     rt.record(f"topk_ids.{i}", topk_ids)

@@ -484,3 +484,14 @@ def test_non_finite_reference_weights_are_bad_input(checkpoint, tmp_path, capsys
         assert run_cli("--weights", bad, "--candidate", cand, "--quiet") == 2
     err = capsys.readouterr().err
     assert "the float64 reference is not finite: first in" in err and "layer 1" in err
+
+
+def test_a_nan_router_stops_the_forward_by_name():
+    """All-NaN router weights: the top-k masked NaN scores to weight 0 and the layer's experts were
+    dropped without a word (run exited 0: issue 22); now a NonFiniteError naming the layer."""
+    from d2m_ref.errors import NonFiniteError
+    cfg, arrays, _ = small_model()
+    name = next(n for n in arrays if n.startswith("model.layers.1.") and n.endswith("mlp.gate.weight"))
+    arrays = {**arrays, name: np.full(arrays[name].shape, np.nan, np.float32)}
+    with pytest.raises(NonFiniteError, match=r"router_logits.1 hold NaN/Inf from a finite input: layer 1"):
+        d2m_ref.forward(model_from_arrays(cfg, arrays, "F32"), IDS)
