@@ -193,12 +193,14 @@ def _parse_entries(path: pathlib.Path, header: dict, data_size: int) -> dict[str
             )
         entries[name] = _Entry(dtype, shape, begin, end)
     ordered = sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end))
-    _check_no_overlap(path, ordered)
+    _check_layout(path, ordered, data_size)
     return dict(ordered)
 
 
-def _check_no_overlap(path: pathlib.Path, ordered: list[tuple[str, _Entry]]) -> None:
-    """Tensors sorted by offset must not share bytes (zero-size tensors own no bytes)."""
+def _check_layout(path: pathlib.Path, ordered: list[tuple[str, _Entry]], data_size: int) -> None:
+    """Tensors sorted by offset must tile the data section: no two share bytes, and no byte belongs to
+    none (the format forbids holes: a hole before, between or after the tensors is data no tensor
+    names, which a truncated or spliced file leaves).  Zero-size tensors own no bytes."""
     prev_name, prev_end = None, 0
     for name, e in ordered:
         if e.begin == e.end:
@@ -208,7 +210,15 @@ def _check_no_overlap(path: pathlib.Path, ordered: list[tuple[str, _Entry]]) -> 
                 f"{path}: tensors {prev_name!r} (ends at {prev_end}) and {name!r} (starts at "
                 f"{e.begin}) overlap"
             )
+        if e.begin > prev_end:
+            where = f"after tensor {prev_name!r}" if prev_name is not None else "before the first tensor"
+            raise WeightsError(f"{path}: bytes {prev_end}..{e.begin} of the data section, {where}, belong to no "
+                               "tensor (the safetensors format allows no holes)")
         prev_name, prev_end = name, e.end
+    if prev_end != data_size:
+        raise WeightsError(f"{path}: the data section has {data_size - prev_end} byte(s) after the last tensor "
+                           f"({prev_name!r}, ends at {prev_end}) that belong to no tensor (the safetensors format "
+                           "allows no holes)")
 
 
 # --------------------------------------------------------------------------- reading: files

@@ -4,6 +4,7 @@ and references computed from the bit layout of the float formats; every error na
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import pathlib
@@ -769,3 +770,17 @@ def test_save_accepts_pairs_and_keeps_order_within_an_itemsize(tmp_path):
     pairs = [("z", np.ones(1, np.float32)), ("a", np.ones(1, np.float16)), ("m", np.ones(1, np.float32)), ("d", np.ones(1))]
     sio.save(tmp_path / "o.safetensors", pairs)
     assert sio.SafetensorsFile(tmp_path / "o.safetensors").names() == ["d", "z", "m", "a"]
+
+
+@pytest.mark.parametrize("offsets, size, where", [
+    ([[8, 16], [16, 24]], 24, "before the first tensor"),
+    ([[0, 8], [16, 24]], 24, "after tensor 'a'"),
+    ([[0, 8], [8, 16]], 24, "after the last tensor"),
+])
+def test_unindexed_bytes_are_refused(tmp_path, offsets, size, where):
+    """Bytes of the data section that no tensor names (a hole before, between or after the tensors):
+    the format forbids them, and they were accepted (issue 22)."""
+    header = {name: {"dtype": "F32", "shape": [2], "data_offsets": off} for name, off in zip("ab", offsets)}
+    path = write_raw(tmp_path / "holes.safetensors", header, bytes(size))
+    with pytest.raises(WeightsError, match=re.escape(where)):
+        sio.SafetensorsFile(path)
