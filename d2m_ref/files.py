@@ -80,10 +80,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
     interrupted write leaves the old file or nothing, never half a file.  OSErrors of the file
     operations become `error` naming `path`; exceptions from `write` pass through unchanged."""
     path = Path(path)
-    if path.is_dir():
+    if os.path.isdir(path):  # os.path.isdir never raises (Path.is_dir does, on a name too long)
         raise error(f"{path}: is a directory")
+    if len(os.fsencode(path.name)) > 255:
+        raise error(f"{printable(path)}: the file name is {len(os.fsencode(path.name))} bytes, longer than a file "
+                    "system allows (255)")
     refuse_existing(path, force)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # the temporary's name is cut so that a name near the 255-byte limit still has room beside it
+    tmp = path.with_name(f".{os.fsdecode(os.fsencode(path.name)[:200])}.{secrets.token_hex(4)}.tmp")
     try:
         # O_EXCL: never write into someone else's file; 0o666 & ~umask, like a plain open().
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

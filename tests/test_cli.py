@@ -1029,3 +1029,15 @@ def test_special_files_are_refused_not_waited_on(argv, tmp_path):
     done = subprocess.run([sys.executable, "-m", *[a.format(**names) for a in argv]], capture_output=True, text=True,
                           cwd=tmp_path, timeout=60)
     assert done.returncode == 2 and "not a regular file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_long_output_names(tmp_path):
+    """A 250-byte name is written (its temporary's name is cut to fit beside it); a 300-byte one is a
+    named error, not an OSError traceback (issue 22)."""
+    from d2m_ref.errors import InputError
+    from d2m_ref.files import atomic_write_bytes
+    ok = tmp_path / ("x" * 250)
+    atomic_write_bytes(ok, b"1", force=False)
+    assert ok.read_bytes() == b"1" and [p.name for p in tmp_path.iterdir()] == [ok.name]
+    with pytest.raises(InputError, match="the file name is 300 bytes"):
+        atomic_write_bytes(tmp_path / ("y" * 300), b"1", force=False)
