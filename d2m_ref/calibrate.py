@@ -90,7 +90,7 @@ class _Sink(dict):
 
 
 class Redundancy:
-    """Sums over tokens of §1.1–1.4 per layer; `as_dict` gives the means."""
+    """Sums over tokens of §1.1–1.4 per layer; `layers()` and `centroids()` give the means."""
 
     def __init__(self, model: Model):
         cfg = model.config

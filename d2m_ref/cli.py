@@ -114,8 +114,6 @@ def kernels_of(args: argparse.Namespace):
     return kernels, c
 
 
-# What a path names when it is not a regular file: reading a FIFO or a terminal would wait for a
-# writer forever, /dev/zero would never end.
 def check_input_files(args: argparse.Namespace) -> None:
     """InputError if --weights (unless a directory), --config or --tokenizer exists but is not a
     regular file.  A missing one is left to its loader, which names it."""

@@ -283,10 +283,9 @@ class Builder:
 
     def copy(self, name: str, p: Param) -> None:
         """A source tensor unchanged (GGUF block types as F32, as import_gguf writes them)."""
-        if p.storage.startswith("GGUF_"):
-            self.add(name, "F32", p.shape, lambda: np.ascontiguousarray(p.load(np.float32)))
-        else:
-            self.add(name, p.storage, p.shape, p.raw)
+        storage = float_storage(p)
+        produce = p.raw if storage == p.storage else lambda: np.ascontiguousarray(p.load(np.float32))
+        self.add(name, storage, p.shape, produce)
 
     def computed(self, name: str, like: Param, shape: tuple[int, ...], value) -> None:
         """A tensor computed in float64 by value(), stored like `like`."""
@@ -300,16 +299,19 @@ class Builder:
             if name.startswith(prefix) and name[len(prefix):].startswith(parts):
                 self.copy(f"model.layers.{j}." + name[len(prefix):], p)
 
-    def moe_entry(self, sources: list[int], attention: int, scale) -> dict:
-        """A layer_plan entry (§2.5); scale(K): the routed_scaling_factor unless --routed-scaling gives one."""
-        E = len(sources)
+    def top_k(self, E: int) -> int:
+        """§2.5: --top-k for a layer of E experts."""
         K = E if self.opts.top_k == "all" else self.opts.top_k
         if not 1 <= K <= E:
             raise InputError(f"--top-k {K}: a layer of {E} experts takes 1..{E}")
-        return {"attention": True, "ffn": "moe", "num_experts": E, "num_experts_per_tok": K,
+        return K
+
+    def moe_entry(self, sources: list[int], attention: int, K: int, scale: float) -> dict:
+        """A layer_plan entry (§2.5); `scale` is the routed_scaling_factor unless --routed-scaling gives one."""
+        return {"attention": True, "ffn": "moe", "num_experts": len(sources), "num_experts_per_tok": K,
                 "moe_intermediate_size": self.cfg.layers[sources[0]].intermediate_size, "scoring_func": "softmax",
                 "norm_topk_prob": self.opts.norm_topk_prob,
-                "routed_scaling_factor": self.opts.routed_scaling if self.opts.routed_scaling is not None else scale(K),
+                "routed_scaling_factor": self.opts.routed_scaling if self.opts.routed_scaling is not None else scale,
                 "source_layers": sources, "attention_source": attention}
 
     # -- layers ---------------------------------------------------------------------------------
@@ -335,7 +337,8 @@ class Builder:
                 self.computed(f"model.layers.{j}.mlp.experts.{e}.{proj}.weight", p, p.shape,
                               lambda p=p, norm=norm: fold_norm(p.load(np.float64), norm.load(np.float64)))
             self.copy(f"model.layers.{j}.mlp.experts.{e}.down_proj.weight", src[f"model.layers.{i}.mlp.down_proj.weight"])
-        self.entries.append(self.moe_entry(list(g.layers), g.attention, lambda K: float(K)))
+        K = self.top_k(len(g.layers))
+        self.entries.append(self.moe_entry(list(g.layers), g.attention, K, float(K)))  # each chosen expert ~ weight 1
 
     def upcycled(self, i: int, j: int) -> None:
         """§4: layer i with its MLP copied into E experts."""
@@ -347,7 +350,7 @@ class Builder:
         for e in range(E):
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 self.copy(f"model.layers.{j}.mlp.experts.{e}.{proj}.weight", src[f"model.layers.{i}.mlp.{proj}.weight"])
-        self.entries.append(self.moe_entry([i] * E, i, lambda K: 1.0))
+        self.entries.append(self.moe_entry([i] * E, i, self.top_k(E), 1.0))  # copies: weights summing to 1 = the MLP
 
     def kept(self, i: int, j: int) -> None:
         """Layer i as it is."""
@@ -368,11 +371,9 @@ def build(model: Model, plan: Plan, stats: dict | None, opts: Options) -> tuple[
             b.fused(fused[i], j)
             i += len(fused[i].layers)
             continue
-        if i in plan.drop:
-            pass
-        elif i in plan.upcycle:
+        if i in plan.upcycle:
             b.upcycled(i, j)
-        else:
+        elif i not in plan.drop:
             b.kept(i, j)
         i += 1
     b.copy("model.norm.weight", b.src["model.norm.weight"])

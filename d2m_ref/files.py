@@ -27,22 +27,16 @@ FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (
               (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
 
 
-def special_file(path: str | os.PathLike) -> str | None:
-    """What `path` is if it exists and is not a regular file ("a FIFO", "a directory", ...), else None.
-    Reading a FIFO waits for a writer forever and /dev/zero never ends: every reader asks first."""
+def require_regular(path: str | os.PathLike, what: str, error: type[D2MError] = InputError) -> None:
+    """`error` naming `what` if `path` exists but is a FIFO, device, socket or directory: reading a
+    FIFO waits for a writer forever and /dev/zero never ends, so every reader asks first.  A missing
+    path, or a name the OS refuses, is left to the reader, which says so."""
     try:
         mode = os.stat(path).st_mode
-    except (OSError, ValueError):  # missing, or a name the OS refuses: its reader says so
-        return None
-    if stat.S_ISREG(mode):
-        return None
-    return next((name for test, name in FILE_KINDS if test(mode)), "not a regular file")
-
-
-def require_regular(path: str | os.PathLike, what: str, error: type[D2MError] = InputError) -> None:
-    """`error` naming `what` if `path` exists but is a FIFO, device, socket or directory."""
-    kind = special_file(path)
-    if kind is not None:
+    except (OSError, ValueError):
+        return
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in FILE_KINDS if test(mode)), "not a regular file")
         raise error(f"{what} {path}: not a regular file ({kind})")
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import quant
 from .config import ModelConfig
+from .weights import canonical_params
 
 # Weight formats: CLI name -> storage of the matrices `quantize` quantises; the other tensors
 # (embeddings, LM head, norms, routers) stay in FLOAT_OF[format] (spec/quant.md §5).
@@ -108,7 +109,6 @@ def weight_bytes(cfg: ModelConfig, fmt: str) -> int:
 
 def model_weight_bytes(model) -> int:
     """§1 for a loaded model: the same tensors, at the bytes its checkpoint actually stores them in."""
-    from .weights import canonical_params
     stored = {name: p.nbytes for name, p in canonical_params(model)}
     vocab = model.config.vocab_size
     total = 0
