@@ -51,6 +51,24 @@ def stats(dense_dir) -> dict:
     return cal.calibrate(model, np.asarray(ids), tokens=600, window=200)
 
 
+@pytest.fixture
+def stats_path(tmp_path, stats) -> str:
+    """The module's calibration statistics written to a file, as --stats takes them."""
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps(stats))
+    return str(path)
+
+
+def logits_of(folder, text: str) -> np.ndarray:
+    """float64 logits of the model in `folder` on `text` (byte tokenizer)."""
+    return forward(load_model(folder), np.asarray(byte_tokenizer().encode(text).ids))[0]
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a − b| relative to max |b|."""
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
 def convert(dense_dir, out, *args) -> int:
     return conv.main(["--weights", str(dense_dir), "--out", str(out), *args])
 
@@ -185,17 +203,12 @@ def test_groups_of_one_layer_give_the_dense_logits(dense_dir, tmp_path):
     plan = write_plan(tmp_path, {"method": "lfuc", "groups": [{"layers": [i], "attention": i} for i in range(LAYERS)]})
     out = tmp_path / "ones"
     assert convert(dense_dir, out, "--method", "lfuc", "--plan", plan, "--router", "zero") == 0
-    ids = np.asarray(byte_tokenizer().encode(TEXT[:120]).ids)
-    dense, _ = forward(load_model(dense_dir), ids)
-    fused, _ = forward(load_model(out), ids)
-    assert np.max(np.abs(fused - dense)) <= 1e-12 * np.max(np.abs(dense))
+    assert rel_err(logits_of(out, TEXT[:120]), logits_of(dense_dir, TEXT[:120])) <= 1e-12
 
 
-def test_a_folded_expert_is_its_source_mlp_on_the_source_norm(dense_dir, tmp_path, stats):
-    stats_path = tmp_path / "stats.json"
-    stats_path.write_text(json.dumps(stats))
+def test_a_folded_expert_is_its_source_mlp_on_the_source_norm(dense_dir, tmp_path, stats_path):
     out = tmp_path / "lfuc"
-    assert convert(dense_dir, out, "--method", "lfuc", "--stats", str(stats_path), "--remove-attention", "2") == 0
+    assert convert(dense_dir, out, "--method", "lfuc", "--stats", stats_path, "--remove-attention", "2") == 0
     dense, fused = load_model(dense_dir), load_model(out)
     rt = Runtime(dense.config, np.dtype(np.float64), default_kernels())
     h = np.random.default_rng(1).standard_normal((7, 32)) * 3
@@ -208,7 +221,7 @@ def test_a_folded_expert_is_its_source_mlp_on_the_source_norm(dense_dir, tmp_pat
         for e, i in enumerate(spec.source_layers):
             want = mlp(rms_norm(h, dense.weights.layers[i].ffn_norm.load(np.float64), 1e-6), dense.weights.layers[i].ffn, rt)
             got = mlp(rms_norm(h, ones, 1e-6), fused.weights.layers[j].ffn.experts[e], rt)
-            assert np.max(np.abs(got - want)) <= 1e-12 * np.max(np.abs(want))
+            assert rel_err(got, want) <= 1e-12
             checked += 1
     assert checked >= 3
 
@@ -237,16 +250,14 @@ def test_a_fused_layer_with_every_expert_at_weight_one_is_the_parallel_sum(dense
     h1 = h + a
     want = h1 + sum(mlp(rms_norm(h1, dense.weights.layers[i].ffn_norm.load(np.float64), eps), dense.weights.layers[i].ffn, rt)
                     for i in group)
-    assert np.max(np.abs(capture["hidden.2"] - want)) <= 1e-12 * np.max(np.abs(want))
+    assert rel_err(capture["hidden.2"], want) <= 1e-12
 
 
-def test_converting_twice_gives_identical_bytes(dense_dir, tmp_path, stats):
-    stats_path = tmp_path / "stats.json"
-    stats_path.write_text(json.dumps(stats))
+def test_converting_twice_gives_identical_bytes(dense_dir, tmp_path, stats_path):
     for method in ("lfuc", "prune", "upcycle"):
         outs = [tmp_path / f"{method}{k}" for k in (1, 2)]
         for o in outs:
-            assert convert(dense_dir, o, "--method", method, "--stats", str(stats_path), "--remove-attention", "2") == 0
+            assert convert(dense_dir, o, "--method", method, "--stats", stats_path, "--remove-attention", "2") == 0
         for name in ("config.json", "model.safetensors", "tokenizer.json"):
             assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), (method, name)
 
@@ -254,17 +265,12 @@ def test_converting_twice_gives_identical_bytes(dense_dir, tmp_path, stats):
 def test_untrained_upcycling_is_the_dense_model(dense_dir, tmp_path):
     out = tmp_path / "up"
     assert convert(dense_dir, out, "--method", "upcycle", "--experts", "3", "--top-k", "2") == 0
-    ids = np.asarray(byte_tokenizer().encode(TEXT[:80]).ids)
-    dense, _ = forward(load_model(dense_dir), ids)
-    up, _ = forward(load_model(out), ids)
-    assert np.max(np.abs(up - dense)) <= 1e-12 * np.max(np.abs(dense))
+    assert rel_err(logits_of(out, TEXT[:80]), logits_of(dense_dir, TEXT[:80])) <= 1e-12
 
 
-def test_pruned_model_is_the_source_family_without_the_dropped_layers(dense_dir, tmp_path, stats):
-    stats_path = tmp_path / "stats.json"
-    stats_path.write_text(json.dumps(stats))
+def test_pruned_model_is_the_source_family_without_the_dropped_layers(dense_dir, tmp_path, stats_path):
     out = tmp_path / "pruned"
-    assert convert(dense_dir, out, "--method", "prune", "--stats", str(stats_path), "--remove-attention", "2") == 0
+    assert convert(dense_dir, out, "--method", "prune", "--stats", stats_path, "--remove-attention", "2") == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["num_hidden_layers"] == LAYERS - 2
     dropped = cfg["conversion"]["plan"]["drop"]
@@ -301,14 +307,12 @@ def test_bad_plans_are_named_and_leave_nothing(dense_dir, tmp_path, capsys, plan
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["plan.json"]
 
 
-def test_a_budget_that_cannot_be_met(dense_dir, tmp_path, stats, capsys):
-    stats_path = tmp_path / "stats.json"
-    stats_path.write_text(json.dumps(stats))
+def test_a_budget_that_cannot_be_met(dense_dir, tmp_path, stats_path, capsys):
     out = tmp_path / "out"
     # layers 1..4 hold one group of 4 at most: 3 attentions
-    assert convert(dense_dir, out, "--method", "lfuc", "--stats", str(stats_path), "--remove-attention", "4") == 2
+    assert convert(dense_dir, out, "--method", "lfuc", "--stats", stats_path, "--remove-attention", "4") == 2
     assert "remove at most 3 attentions" in capsys.readouterr().err and not out.exists()
-    assert convert(dense_dir, out, "--method", "lfuc", "--stats", str(stats_path)) == 2
+    assert convert(dense_dir, out, "--method", "lfuc", "--stats", stats_path) == 2
     assert "needs a budget" in capsys.readouterr().err and not out.exists()
 
 
@@ -348,29 +352,27 @@ def test_convert_calibrates_itself_from_text(dense_dir, tmp_path):
     assert conversion["calibration"]["tokens"] == 300 and conversion["removed_attention"] == 1
 
 
-def test_a_latency_budget_takes_the_fewest_removals_that_meet_it(dense_dir, tmp_path, stats, capsys):
+def test_a_latency_budget_takes_the_fewest_removals_that_meet_it(dense_dir, tmp_path, stats_path, capsys):
     """The modelled ms of the dense model and of 1, 2, 3 removals; a budget between those of 1 and 2
     removals gives 2; one below 3 (the most: layers 1..4 in one group) cannot be met."""
-    stats_path = tmp_path / "stats.json"
-    stats_path.write_text(json.dumps(stats))
     ms = []
     for n in (1, 2, 3):
         out = tmp_path / f"n{n}"
-        assert convert(dense_dir, out, "--method", "lfuc", "--stats", str(stats_path), "--remove-attention", str(n)) == 0
+        assert convert(dense_dir, out, "--method", "lfuc", "--stats", stats_path, "--remove-attention", str(n)) == 0
         ms.append(roofline.ms_per_token(roofline.bytes_per_token(load_model(out).config, "bf16", 1024), 204.8))
     assert ms[0] > ms[1] > ms[2]
     out = tmp_path / "budget"
-    assert convert(dense_dir, out, "--method", "lfuc", "--stats", str(stats_path),
+    assert convert(dense_dir, out, "--method", "lfuc", "--stats", stats_path,
                    "--latency-budget", str((ms[0] + ms[1]) / 2)) == 0
     conversion = json.loads((out / "config.json").read_text())["conversion"]
     assert conversion["removed_attention"] == 2 and "the fewest that meet" in conversion["chosen_by"]
     with SafetensorsFile(out / "model.safetensors") as a, SafetensorsFile(tmp_path / "n2" / "model.safetensors") as b:
         assert a.names() == b.names() and all(np.array_equal(a.raw(n), b.raw(n)) for n in a.names())
     capsys.readouterr()
-    assert convert(dense_dir, tmp_path / "x", "--method", "lfuc", "--stats", str(stats_path),
+    assert convert(dense_dir, tmp_path / "x", "--method", "lfuc", "--stats", stats_path,
                    "--latency-budget", str(ms[2] * 0.99)) == 2
     assert "cannot be met" in capsys.readouterr().err and not (tmp_path / "x").exists()
-    assert convert(dense_dir, tmp_path / "x", "--method", "prune", "--stats", str(stats_path),
+    assert convert(dense_dir, tmp_path / "x", "--method", "prune", "--stats", stats_path,
                    "--latency-budget", "1000") == 2
     assert "the dense model already takes" in capsys.readouterr().err
 
