@@ -16,7 +16,7 @@ from d2m_ref.perplexity import perplexity, token_nll
 from d2m_ref.quant import FORMATS
 from d2m_ref.quantize import write_quantized
 from d2m_ref.synth import random_model, write_checkpoint
-from d2m_ref.weights import METADATA_CONFIG_KEY, load_model
+from d2m_ref.weights import METADATA_CONFIG_KEY, canonical_params, load_model
 from tests.models import dense2moe_config, dense_config
 
 PLAN = [{"attention": True, "ffn": "dense"},
@@ -55,6 +55,25 @@ def test_bytes_of_a_step_by_hand():
     moe = parse_config(dense2moe_config(PLAN))
     assert roofline.kv_bytes(moe, 10, 4) == 2 * 2 * 2 * 8 * 10 * 4  # two of three layers attend
     assert roofline.ms_per_token(204_800_000, 204.8) == pytest.approx(1.0)
+
+
+def test_moe_step_bytes_from_the_checkpoint_itself():
+    """The MoE plan's step, counted independently of step_reads from the tensors a checkpoint holds:
+    every tensor once but the embedding (one row), experts (K of each layer's E: all one shape) and the
+    LM head (read in full, also when tied)."""
+    cfg = parse_config(dense2moe_config(PLAN, base="qwen2", hidden=64, width=64))
+    model = random_model(cfg, 0, "F32")
+    K = {i: s.moe.top_k for i, s in enumerate(cfg.layers) if s.moe is not None}
+    want = 0
+    for name, p in canonical_params(model):
+        parts = name.split(".")
+        if name == "model.embed_tokens.weight":
+            want += p.nbytes // cfg.vocab_size + (p.nbytes if cfg.tie_word_embeddings else 0)
+        elif "experts" in parts and int(parts[parts.index("experts") + 1]) >= K[int(parts[2])]:
+            continue
+        else:
+            want += p.nbytes
+    assert roofline.weight_bytes(cfg, "f32") == roofline.model_weight_bytes(model) == want
 
 
 def test_active_parameters_count_k_experts():
