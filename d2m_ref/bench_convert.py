@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import cli
-from .bench_memory import MEMORY_BUDGET, SHAPES, peak_rss_bytes, reusable, write_model
+from .bench_memory import MEMORY_BUDGET, SHAPES, child_result, peak_rss_bytes, reusable, write_model
 from .errors import D2MError, InputError
 from .evaluate import cpu_name
 from .files import atomic_write_bytes, check_output
@@ -66,11 +65,7 @@ def child_export(weights: str, out: str, dtype: str) -> dict:
 
 
 def run_child(*args: str) -> dict:
-    cmd = [sys.executable, "-m", "d2m_ref.bench_convert", "--child", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        raise D2MError(f"child {' '.join(cmd)} failed ({res.returncode}): {res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return child_result("d2m_ref.bench_convert", *args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -129,13 +129,18 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_child(weights: Path, dtype: str, prompt_tokens: int, decode_tokens: int) -> dict:
-    cmd = [sys.executable, "-m", "d2m_ref.bench_memory", "--child", str(weights), dtype, str(prompt_tokens),
-           str(decode_tokens)]
+def child_result(module: str, *args: str) -> dict:
+    """`python -m module --child ARGS` in a fresh process (its own peak RSS) -> the JSON object it
+    prints last; D2MError with its stderr's tail if it fails."""
+    cmd = [sys.executable, "-m", module, "--child", *args]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise D2MError(f"child {' '.join(cmd)} failed ({out.returncode}): {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_child(weights: Path, dtype: str, prompt_tokens: int, decode_tokens: int) -> dict:
+    return child_result("d2m_ref.bench_memory", str(weights), dtype, str(prompt_tokens), str(decode_tokens))
 
 
 def time_v_trace(weights: Path, dtype: str, prompt_tokens: int, work: Path) -> int | None:
